@@ -1,0 +1,63 @@
+"""The public entry points: apply a method to a model, remove it, read the reduced tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from . import adapters
+from .engine import Tokens
+from .methods import Method, make
+
+_ATTR = "_tokenfuse_patch"
+
+
+def apply(
+    model: nn.Module,
+    method: str | Method = "tome",
+    keep: float | None = None,
+    *,
+    protect_ids: Sequence[int] = (),
+    **options: Any,
+) -> nn.Module:
+    """Patch `model` in place so it reduces tokens with `method`, and return it.
+
+    keep: fraction of token-layer work kept (1.0 = nothing removed). protect_ids: token ids never
+    merged or removed, besides the first and last token ([CLS], [SEP]). Other options go to the
+    method (`tokenfuse methods` lists them). Applying again replaces the previous method.
+    """
+    if keep is not None:
+        options["keep"] = keep
+    method = make(method, **options)
+    remove(model)
+    setattr(model, _ATTR, adapters.install(model, method, protect_ids))
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo `apply`: every hook is taken away and the model computes exactly as before."""
+    patch = getattr(model, _ATTR, None)
+    if patch is not None:
+        patch.remove()
+        delattr(model, _ATTR)
+    return model
+
+
+def patch_of(model: nn.Module) -> adapters.Patch | None:
+    return getattr(model, _ATTR, None)
+
+
+def last_tokens(model: nn.Module) -> Tokens:
+    """Token state (sizes, protected, sources) of the patched model's last forward."""
+    patch = patch_of(model)
+    if patch is None or patch.tokens is None:
+        raise RuntimeError("no reduced forward to read: apply a method and run the model first")
+    return patch.tokens
+
+
+def token_sizes(model: nn.Module) -> Tensor:
+    """(B, N) how many input tokens each output token of the last forward stands for (0 = padding);
+    use it to pool a reduced output."""
+    return last_tokens(model).size

@@ -1,0 +1,34 @@
+"""Bipartite soft matching (ToMe), shared by every method that merges pairs by a score."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .engine import Reduction, Tokens
+
+
+def alternate(x: Tensor) -> tuple[Tensor, Tensor]:
+    """ToMe's split: even positions are sources (set A), odd positions destinations (set B)."""
+    return x[:, ::2], x[:, 1::2]
+
+
+def bipartite_merge(scores: Tensor, tokens: Tokens, remove: Tensor) -> Reduction:
+    """Merge the `remove[b]` A-tokens with the highest score into their best B-partner.
+
+    scores: (B, ceil(N/2), floor(N/2)) between A and B tokens, higher = more alike. Padding and
+    protected tokens are excluded on both sides, so each sequence is reduced exactly as it would
+    be alone, and at most one token per A-token is removed.
+    """
+    movable = tokens.mask & ~tokens.protected
+    a_ok, b_ok = alternate(movable)
+    scores = scores.masked_fill(~(a_ok[:, :, None] & b_ok[:, None, :]), -torch.inf)
+    best, partner = scores.max(-1)
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+    merged = (rank < remove[:, None]) & (best > -torch.inf)
+
+    n = tokens.size.shape[1]
+    dest = torch.arange(n, device=scores.device).expand(scores.shape[0], n).clone()
+    dest[:, ::2] = torch.where(merged, 2 * partner + 1, dest[:, ::2])
+    return Reduction.hard(dest)

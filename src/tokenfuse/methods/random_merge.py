@@ -1,0 +1,44 @@
+"""Random merging: the baseline every method must beat (the random ablation of the ToMe paper).
+
+The same bipartite matching and schedule as ToMe, with scores drawn at random instead of from
+similarity, so it isolates what the method's choice of tokens is worth. Scores are a hash of the
+token positions, layer and seed: reproducible, and the same for a sequence alone or in a batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..engine import Reduction
+from ..matching import bipartite_merge
+from .base import LayerInput, Method
+from .registry import register
+
+
+def _hash_scores(n_a: int, n_b: int, salt: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(n_a, device=device, dtype=torch.int64)[:, None]
+    j = torch.arange(n_b, device=device, dtype=torch.int64)[None, :]
+    h = (i * 0x2545F491 + j * 0x4F6CDD1D + salt * 0x1B873593) & 0xFFFFFFFF
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return (h ^ (h >> 16)).to(torch.float32) / 2**32
+
+
+@register
+class RandomMerge(Method):
+    name = "random"
+    paper = "baseline: random pairs merged on ToMe's schedule (Bolya et al., ICLR 2023, ablation)"
+
+    def __init__(self, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed = int(seed)
+
+    def decide(self, inp: LayerInput) -> Reduction:
+        n = inp.x.shape[1]
+        scores = _hash_scores((n + 1) // 2, n // 2, self.seed * 1009 + inp.point, inp.x.device)
+        return bipartite_merge(scores.expand(inp.x.shape[0], -1, -1), inp.tokens, inp.remove)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "seed": self.seed}

@@ -1,0 +1,57 @@
+"""Quality and cost measures used by the bench: plain numpy, no extra dependencies."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(1)
+
+
+def knn_accuracy(emb: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+    """Leave-one-out k-NN accuracy (%) under cosine similarity; majority vote, ties broken by the
+    summed similarity of each class's neighbours."""
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    k = min(k, len(x) - 1)
+    nn = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    votes = np.zeros((len(x), labels.max() + 1))
+    rows = np.arange(len(x))[:, None]
+    np.add.at(votes, (np.broadcast_to(rows, nn.shape), labels[nn]), 1 + 1e-6 * sim[rows, nn])
+    return float((votes.argmax(1) == labels).mean() * 100)
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (as Spearman's correlation needs)."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    r = np.empty(len(x))
+    start = 0
+    for end in range(1, len(x) + 1):
+        if end == len(x) or sorted_x[end] != sorted_x[start]:
+            r[order[start:end]] = (start + end - 1) / 2
+            start = end
+    return r
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return pearson(ranks(a), ranks(b))
+
+
+def encoder_flops(attn_tokens: np.ndarray, mlp_tokens: np.ndarray, hidden: int, intermediate: int) -> float:
+    """Multiply-add FLOPs of a transformer encoder's layers for per-layer token counts: attention
+    projections and the two attention products on the tokens entering attention, the MLP on the
+    tokens entering it (embeddings and pooling are negligible and left out)."""
+    n, m = attn_tokens.astype(float), mlp_tokens.astype(float)
+    attention = 2 * 4 * n * hidden**2 + 2 * 2 * n**2 * hidden
+    mlp = 2 * 2 * m * hidden * intermediate
+    return float((attention + mlp).sum())

@@ -1,0 +1,95 @@
+"""The contracts every method and adapter owes, run over every registered method, so that a new
+method cannot skip them: identity at keep 1.0, remove() restores, padding invariance, protected
+tokens, size conservation, the budget."""
+
+import math
+
+import pytest
+import torch
+from conftest import ATTN, MODELS
+
+import tokenfuse
+
+METHODS = sorted(tokenfuse.available())
+
+
+def batch(tokenizer, texts):
+    return tokenizer(texts, padding=True, return_tensors="pt")
+
+
+def outputs(model, inputs):
+    with torch.inference_mode():
+        out = model(**inputs)
+    return out.last_hidden_state, out.pooler_output
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_one_is_bit_identical_and_remove_restores(family, attn, method, tokenizer, texts):
+    model = MODELS[family](attn)
+    inputs = batch(tokenizer, texts)
+    before = outputs(model, inputs)
+    tokenfuse.apply(model, method, keep=1.0)
+    for a, b in zip(before, outputs(model, inputs), strict=True):
+        assert torch.equal(a, b)
+    tokenfuse.apply(model, method, keep=0.5)
+    reduced = outputs(model, inputs)[0]
+    assert reduced.shape[1] < before[0].shape[1]
+    tokenfuse.remove(model)
+    for a, b in zip(before, outputs(model, inputs), strict=True):
+        assert torch.equal(a, b)
+    hooks = [m._forward_hooks or m._forward_pre_hooks for m in model.modules()]
+    assert not any(hooks) and not hasattr(model, "_tokenfuse_patch")
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("keep", [0.7, 0.4])
+def test_padding_invariance_in_mixed_length_batches(family, method, keep, tokenizer, texts):
+    model = tokenfuse.apply(MODELS[family](), method, keep=keep)
+    together = tokenfuse.embed(model, tokenizer, texts, batch_size=len(texts))
+    for i, text in enumerate(texts):
+        alone = tokenfuse.embed(model, tokenizer, [text])
+        assert torch.allclose(alone[0], together[i], atol=1e-5), (method, i)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sizes_are_conserved_and_protected_tokens_kept(method, tokenizer, texts):
+    model = tokenfuse.apply(
+        MODELS["bert"](), method, keep=0.4, protect_ids=[tokenizer.convert_tokens_to_ids("fox")]
+    )
+    inputs = batch(tokenizer, texts)
+    hidden, _ = outputs(model, inputs)
+    tokens = tokenfuse.last_tokens(model)
+    real = inputs["attention_mask"].sum(-1).float()
+    assert torch.equal(tokens.size.sum(-1), real)  # every input token is accounted for
+    assert hidden.shape[1] == tokens.size.shape[1]
+    # [CLS] stays first and [SEP] last, each standing for itself only; so does the protected "fox"
+    count = tokens.count
+    assert torch.all(tokens.size[:, 0] == 1) and torch.all(tokens.protected[:, 0])
+    last = tokens.size.gather(1, (count - 1)[:, None])[:, 0]
+    assert torch.all(last == 1) and torch.all(tokens.protected.gather(1, (count - 1)[:, None]))
+    assert tokens.protected[0].sum() == 3
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("keep", [0.8, 0.5])
+def test_tokens_follow_the_schedule(method, keep, tokenizer, texts):
+    model = tokenfuse.apply(MODELS["bert"](layers=6), method, keep=keep)
+    inputs = batch(tokenizer, texts[2:3])  # the longest text, alone
+    outputs(model, inputs)
+    patch = tokenfuse.patch_of(model)
+    n0 = int(inputs["attention_mask"].sum())
+    work = sum(float(a + b) / 2 for a, b in patch.trace) / (len(patch.trace) * n0)
+    assert work == pytest.approx(keep, abs=0.06)
+    for (_, after), fraction in zip(patch.trace, patch.schedule[1:], strict=True):
+        assert int(after) == max(math.ceil(fraction * n0), 2)
+
+
+def test_proportional_attention_is_switchable(tokenizer, texts):
+    model = MODELS["bert"]()
+    inputs = batch(tokenizer, texts)
+    on = outputs(tokenfuse.apply(model, "tome", keep=0.5), inputs)[0]
+    off = outputs(tokenfuse.apply(model, "tome", keep=0.5, prop_attn=False), inputs)[0]
+    assert on.shape == off.shape and not torch.allclose(on, off)

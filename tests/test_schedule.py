@@ -1,0 +1,42 @@
+from itertools import pairwise
+
+import pytest
+
+from tokenfuse import schedule
+
+
+@pytest.mark.parametrize("layers", [1, 4, 6, 12])
+@pytest.mark.parametrize("keep", [0.35, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("at_embeddings", [True, False])
+def test_geometric_schedule_spends_exactly_the_budget(layers, keep, at_embeddings):
+    if keep <= 1 / (2 * layers) + 0.05 and not at_embeddings:
+        pytest.skip("below what a method without the embedding point can reach")
+    s = schedule.geometric(keep, layers, at_embeddings=at_embeddings)
+    assert len(s) == layers + 1
+    assert schedule.work(s) == pytest.approx(keep, abs=1e-9)
+    assert all(b <= a for a, b in pairwise(s))
+    assert (s[0] == 1.0) != at_embeddings
+
+
+def test_keep_one_removes_nothing():
+    assert schedule.geometric(1.0, 6) == [1.0] * 7
+    assert schedule.work([1.0] * 7) == 1.0
+
+
+@pytest.mark.parametrize("keep", [0, -0.1, 1.01, "0.5", True])
+def test_invalid_keep_is_refused(keep):
+    with pytest.raises(ValueError, match="keep must be"):
+        schedule.check_keep(keep)
+
+
+def test_unreachable_keep_is_refused():
+    with pytest.raises(ValueError, match="below what"):
+        schedule.geometric(0.1, 4, at_embeddings=False)
+
+
+def test_explicit_schedule_is_checked():
+    assert schedule.check_schedule([1, 0.8, 0.5], 2) == [1.0, 0.8, 0.5]
+    with pytest.raises(ValueError, match="3 reduction points"):
+        schedule.check_schedule([0.8, 0.5], 2)
+    with pytest.raises(ValueError, match="non-increasing"):
+        schedule.check_schedule([0.5, 0.8, 0.4], 2)
