@@ -5,7 +5,8 @@ similarity, the most similar edges merged by size-weighted average, proportional
 Deviations: the similarity source is an option. The paper matches on attention keys averaged over
 heads (`similarity="keys"`); on a mean-pooled text encoder (all-MiniLM-L6-v2, BBC News, keep 0.5)
 the hidden states the layer is about to pass on match much better (cosine to the full model's
-embeddings 0.96 against 0.83 with keys), so they are the default. The per-layer schedule keeps a
+embeddings 0.936 against 0.728 with keys, `tokenfuse bench` on 400 documents), so they are the
+default. The per-layer schedule keeps a
 constant fraction of tokens instead of merging a constant count (see tokenfuse.schedule).
 """
 
