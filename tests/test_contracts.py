@@ -63,7 +63,10 @@ def test_sizes_are_conserved_and_protected_tokens_kept(method, tokenizer, texts)
     hidden, _ = outputs(model, inputs)
     tokens = tokenfuse.last_tokens(model)
     real = inputs["attention_mask"].sum(-1).float()
-    assert torch.equal(tokens.size.sum(-1), real)  # every input token is accounted for
+    if tokenfuse.available()[method].prunes:
+        assert torch.all(tokens.size.sum(-1) <= real)
+    else:
+        assert torch.equal(tokens.size.sum(-1), real)  # every input token is accounted for
     assert hidden.shape[1] == tokens.size.shape[1]
     # [CLS] stays first and [SEP] last, each standing for itself only; so does the protected "fox"
     count = tokens.count
@@ -82,9 +85,11 @@ def test_tokens_follow_the_schedule(method, keep, tokenizer, texts):
     patch = tokenfuse.patch_of(model)
     n0 = int(inputs["attention_mask"].sum())
     work = sum(float(a + b) / 2 for a, b in patch.trace) / (len(patch.trace) * n0)
-    assert work == pytest.approx(keep, abs=0.06)
+    adaptive = tokenfuse.available()[method].adaptive
+    assert work <= keep + 0.06 if adaptive else work == pytest.approx(keep, abs=0.06)
     for (_, after), fraction in zip(patch.trace, patch.schedule[1:], strict=True):
-        assert int(after) == max(math.ceil(fraction * n0), 2)
+        target = max(math.ceil(fraction * n0), 2)
+        assert int(after) <= target if adaptive else int(after) == target
 
 
 def test_proportional_attention_is_switchable(tokenizer, texts):

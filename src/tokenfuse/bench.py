@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__, data, metrics
-from .api import apply, remove
+from .api import apply, patch_of, remove
 from .methods import available
 from .progress import progress_bar
 from .text import encode_batches
@@ -66,6 +66,7 @@ class Pass:
     embeddings: np.ndarray
     layer_tokens: np.ndarray  # (docs, layers, 2): tokens entering attention and the MLP
     seconds: float
+    scoring: float  # share of the time spent in the method's decisions
 
 
 def encode(model, tokenizer, texts, config: Config, batch_size: int, max_length: int) -> Pass:
@@ -83,8 +84,10 @@ def encode(model, tokenizer, texts, config: Config, batch_size: int, max_length:
         emb[batch.index] = batch.embedding.numpy()
         layer_tokens[batch.index] = batch.layer_tokens.permute(2, 0, 1).numpy()
     seconds = time.perf_counter() - start
+    patch = patch_of(model)
+    scoring = patch.decide_seconds / seconds if patch else 0.0
     remove(model)
-    return Pass(emb, layer_tokens, seconds)
+    return Pass(emb, layer_tokens, seconds, scoring)
 
 
 def run(
@@ -153,6 +156,7 @@ def run(
             "flops": flops / full_flops,
             "speedup": full_time / seconds,
             "seconds": seconds,
+            "scoring": statistics.median(p.scoring for p in passes[i]),
             "cosine": float(metrics.cosine_rows(first.embeddings, full.embeddings).mean()),
         }
         if bbc is not None:

@@ -66,7 +66,8 @@ def bench_table(results: dict[str, Any]) -> Table:
         title=f"tokenfuse bench: {args['model']}, {args['documents']} documents, "
         f"max length {args['max_length']}, batch {args['batch_size']}",
         caption="tokens, FLOPs: per layer, relative to full; speedup: median of "
-        f"{args['repeats']} interleaved runs; cosine: embeddings vs full",
+        f"{args['repeats']} interleaved runs; scoring: share of run time spent choosing tokens; "
+        "cosine: embeddings vs full",
     )
     columns = [
         ("method", "method"),
@@ -74,6 +75,7 @@ def bench_table(results: dict[str, Any]) -> Table:
         ("tokens", "tokens"),
         ("FLOPs", "flops"),
         ("speedup", "speedup"),
+        ("scoring", "scoring"),
         ("cosine", "cosine"),
         ("BBC acc %", "bbc_knn_acc"),
         ("LP50 r", "lp50_pearson"),
@@ -92,6 +94,8 @@ def bench_table(results: dict[str, Any]) -> Table:
                 cells.append(f"{value:g}")
             elif key == "speedup":
                 cells.append(f"{value:.2f}x")
+            elif key == "scoring":
+                cells.append(f"{100 * value:.1f}%")
             elif key == "bbc_knn_acc":
                 cells.append(f"{value:.1f}")
             else:

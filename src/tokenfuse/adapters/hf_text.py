@@ -8,12 +8,13 @@ the computation. The hooks:
     method decide, and apply its reduction;
   - before each layer: once tokens were reduced, hand the layer the engine's attention mask
     (padding, plus log size for proportional attention);
-  - on the key projection, only for methods that match on keys.
+  - on the query, key and value projections, only for methods that read attention.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,14 +28,15 @@ from ..methods import LayerInput, Method
 @dataclass(frozen=True)
 class Family:
     """Where one family of encoders keeps its embeddings and layers, the block after which tokens
-    are reduced (its output is what the MLP consumes) and the key projection."""
+    are reduced (its output is what the MLP consumes) and the query, key, value projections."""
 
     name: str
     model_types: tuple[str, ...]
     embeddings: str
     layers: str
     merge_after: str
-    key: str
+    qkv: tuple[str, str, str]
+    has_cls: bool = True  # position 0 is a [CLS]-like summary token
 
 
 FAMILIES = (
@@ -44,7 +46,7 @@ FAMILIES = (
         embeddings="embeddings",
         layers="encoder.layer",
         merge_after="attention",
-        key="attention.self.key",
+        qkv=("attention.self.query", "attention.self.key", "attention.self.value"),
     ),
 )
 
@@ -69,6 +71,7 @@ class TextPatch:
                 "load it with attn_implementation='sdpa'"
             )
         self.model = model
+        self.family = family
         self.method = method
         self.base = model.base_model
         self.layers = self.base.get_submodule(family.layers)
@@ -78,7 +81,8 @@ class TextPatch:
         self._signature = inspect.signature(self.base.forward)
         self.tokens: Tokens | None = None
         self.trace: list[tuple[Tensor, Tensor]] = []
-        self._keys: Tensor | None = None
+        self._qkv: dict[str, Tensor] = {}
+        self.decide_seconds = 0.0  # time spent in the method's decisions, for the bench
         self._n0: Tensor | None = None
 
         embeddings = self.base.get_submodule(family.embeddings)
@@ -90,9 +94,10 @@ class TextPatch:
             self._handles.append(layer.register_forward_pre_hook(self._enter, with_kwargs=True))
             block = layer.get_submodule(family.merge_after)
             self._handles.append(block.register_forward_hook(self._reduce_hook(i + 1)))
-            if "keys" in method.needs:
-                key = layer.get_submodule(family.key)
-                self._handles.append(key.register_forward_hook(self._keep_keys))
+            if method.needs & method.ATTENTION_INPUTS:
+                for name, path in zip("qkv", family.qkv, strict=True):
+                    projection = layer.get_submodule(path)
+                    self._handles.append(projection.register_forward_hook(self._keeper(name)))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -114,6 +119,7 @@ class TextPatch:
         self.tokens = Tokens.start(mask, protected, track_source=self.method.track_source)
         self._n0 = count
         self._reduced = False
+        self._qkv = {}
         self.trace = []
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -125,8 +131,12 @@ class TextPatch:
             return args, {**kwargs, "attention_mask": bias}
         return (args[0], bias, *args[2:]), kwargs
 
-    def _keep_keys(self, module: nn.Module, args: tuple, out: Tensor) -> None:
-        self._keys = out
+    def _keeper(self, name: str):
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            B, N, _ = out.shape
+            self._qkv[name] = out.view(B, N, self.num_heads, -1).transpose(1, 2)
+
+        return hook
 
     def _reduce_hook(self, point: int):
         fraction = self.schedule[point]
@@ -141,12 +151,20 @@ class TextPatch:
             if not bool(remove.any()):
                 return None
             x = out[0] if isinstance(out, tuple) else out
-            keys = None
-            if self._keys is not None:
-                B, N, _ = self._keys.shape
-                keys = self._keys.view(B, N, self.num_heads, -1).mean(2)
-                self._keys = None
-            red = self.method.decide(LayerInput(point=point, x=x, tokens=tokens, remove=remove, keys=keys))
+            start = time.perf_counter()
+            inp = LayerInput(
+                point=point,
+                x=x,
+                tokens=tokens,
+                remove=remove,
+                num_layers=len(self.layers),
+                prop_attn=self.method.prop_attn,
+                has_cls=self.family.has_cls,
+                **self._qkv,
+            )
+            self._qkv = {}
+            red = self.method.decide(inp)
+            self.decide_seconds += time.perf_counter() - start
             x, self.tokens = reduce(x, tokens, red)
             self._reduced = True
             if point > 0:

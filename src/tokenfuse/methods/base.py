@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .. import schedule as sched
-from ..engine import Reduction, Tokens
+from ..engine import Reduction, Tokens, attention_probs
 
 
 @dataclass(frozen=True)
@@ -17,17 +17,53 @@ class LayerInput:
     """What a method sees at one reduction point (tokenfuse.schedule): after the embeddings
     (point 0), or between layer l's attention and its MLP (point l + 1).
 
-    x: (B, N, C) hidden states about to be reduced. keys: (B, N, D) the layer's attention keys
-    averaged over heads (only when the method needs them; never at point 0). remove: (B,) how many
-    tokens each sequence should lose here; a method may remove fewer (bipartite matching caps at
-    about half).
+    x: (B, N, C) hidden states about to be reduced. tokens: their sizes, padding, protected set.
+    remove: (B,) how many tokens each sequence should lose here; a method may remove fewer
+    (bipartite matching caps at about half). q, k, v: (B, H, N, D) the layer's per-head queries,
+    keys and values, present after an attention when the method needs attention inputs (never at
+    point 0). The accessors below derive what methods score with, computing only that: the [CLS]
+    row of attention costs O(N), the full map O(N^2), as much as the attention itself.
     """
 
     point: int
     x: Tensor
     tokens: Tokens
     remove: Tensor
-    keys: Tensor | None = None
+    num_layers: int = 1
+    q: Tensor | None = None
+    k: Tensor | None = None
+    v: Tensor | None = None
+    prop_attn: bool = True
+    has_cls: bool = True
+
+    def _qkv(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.k is None:
+            raise ValueError(
+                f"no attention at reduction point {self.point}: declare attention inputs in the method's "
+                "`needs` (they exist only after a layer's attention, not at the embeddings)"
+            )
+        return self.q, self.k, self.v
+
+    def keys(self) -> Tensor:
+        """(B, N, D) attention keys averaged over heads (ToMe's matching metric)."""
+        return self._qkv()[1].mean(1)
+
+    def cls_attention(self) -> Tensor:
+        """(B, N) attention of the [CLS] query to every token, averaged over heads."""
+        if not self.has_cls:
+            raise ValueError("this model has no [CLS] token; use a method that does not score by it")
+        q, k, _ = self._qkv()
+        return attention_probs(q[:, :, :1], k, self.tokens, self.prop_attn)[:, :, 0].mean(1)
+
+    def attention(self) -> Tensor:
+        """(B, H, N, N) the layer's attention probabilities, per head."""
+        q, k, _ = self._qkv()
+        return attention_probs(q, k, self.tokens, self.prop_attn)
+
+    def value_norms(self) -> Tensor:
+        """(B, N) norm of each token's value vector (all heads together)."""
+        v = self._qkv()[2]
+        return v.transpose(1, 2).flatten(2).norm(dim=-1)
 
 
 class Method:
@@ -35,10 +71,15 @@ class Method:
 
     name: ClassVar[str]
     paper: ClassVar[str]
-    #: the inputs `decide` reads: "hidden" (the states being reduced), "keys" (attention keys)
+    #: what `decide` reads, shown by `tokenfuse methods`: "hidden" (the states being reduced), or
+    #: attention inputs: "keys", "cls_attention", "attention", "values"
     needs: frozenset[str] = frozenset()
+    #: True for methods that drop tokens (their sizes no longer add up to the input length)
+    prunes: ClassVar[bool] = False
+    #: True for methods that remove a per-input number of tokens, at least what the schedule asks
+    adaptive: ClassVar[bool] = False
     #: inputs that exist only after a layer's attention, so not at the embeddings
-    ATTENTION_INPUTS = frozenset({"keys"})
+    ATTENTION_INPUTS = frozenset({"keys", "cls_attention", "attention", "values"})
 
     def __init__(
         self,

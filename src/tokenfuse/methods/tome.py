@@ -35,7 +35,7 @@ class ToMe(Method):
         self.needs = frozenset({similarity})
 
     def decide(self, inp: LayerInput) -> Reduction:
-        metric = inp.keys if self.similarity == "keys" else inp.x
+        metric = inp.keys() if self.similarity == "keys" else inp.x
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = alternate(metric)
         return bipartite_merge(a @ b.transpose(1, 2), inp.tokens, inp.remove)
