@@ -10,7 +10,19 @@ from conftest import ATTN, MODELS
 
 import tokenfuse
 
-METHODS = sorted(tokenfuse.available())
+# every registered method with its defaults, plus option variants that change what is captured
+METHODS = [*sorted(tokenfuse.available()), "tome:similarity=keys"]
+
+
+def apply(model, spec, keep, **extra):
+    """Apply a method given as 'name' or 'name:option=value'."""
+    name, _, option = spec.partition(":")
+    options = dict([option.split("=")]) if option else {}
+    return tokenfuse.apply(model, name, keep=keep, **options, **extra)
+
+
+def method_class(spec):
+    return tokenfuse.available()[spec.partition(":")[0]]
 
 
 def batch(tokenizer, texts):
@@ -30,10 +42,10 @@ def test_keep_one_is_bit_identical_and_remove_restores(family, attn, method, tok
     model = MODELS[family](attn)
     inputs = batch(tokenizer, texts)
     before = outputs(model, inputs)
-    tokenfuse.apply(model, method, keep=1.0)
+    apply(model, method, keep=1.0)
     for a, b in zip(before, outputs(model, inputs), strict=True):
         assert torch.equal(a, b)
-    tokenfuse.apply(model, method, keep=0.5)
+    apply(model, method, keep=0.5)
     reduced = outputs(model, inputs)[0]
     assert reduced.shape[1] < before[0].shape[1]
     tokenfuse.remove(model)
@@ -47,7 +59,7 @@ def test_keep_one_is_bit_identical_and_remove_restores(family, attn, method, tok
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("keep", [0.7, 0.4])
 def test_padding_invariance_in_mixed_length_batches(family, method, keep, tokenizer, texts):
-    model = tokenfuse.apply(MODELS[family](), method, keep=keep)
+    model = apply(MODELS[family](), method, keep=keep)
     together = tokenfuse.embed(model, tokenizer, texts, batch_size=len(texts))
     for i, text in enumerate(texts):
         alone = tokenfuse.embed(model, tokenizer, [text])
@@ -56,14 +68,13 @@ def test_padding_invariance_in_mixed_length_batches(family, method, keep, tokeni
 
 @pytest.mark.parametrize("method", METHODS)
 def test_sizes_are_conserved_and_protected_tokens_kept(method, tokenizer, texts):
-    model = tokenfuse.apply(
-        MODELS["bert"](), method, keep=0.4, protect_ids=[tokenizer.convert_tokens_to_ids("fox")]
-    )
+    fox = tokenizer.convert_tokens_to_ids("fox")
+    model = apply(MODELS["bert"](), method, keep=0.4, protect_ids=[fox])
     inputs = batch(tokenizer, texts)
     hidden, _ = outputs(model, inputs)
     tokens = tokenfuse.last_tokens(model)
     real = inputs["attention_mask"].sum(-1).float()
-    if tokenfuse.available()[method].prunes:
+    if method_class(method).prunes:
         assert torch.all(tokens.size.sum(-1) <= real)
     else:
         assert torch.equal(tokens.size.sum(-1), real)  # every input token is accounted for
@@ -79,13 +90,13 @@ def test_sizes_are_conserved_and_protected_tokens_kept(method, tokenizer, texts)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("keep", [0.8, 0.5])
 def test_tokens_follow_the_schedule(method, keep, tokenizer, texts):
-    model = tokenfuse.apply(MODELS["bert"](layers=6), method, keep=keep)
+    model = apply(MODELS["bert"](layers=6), method, keep=keep)
     inputs = batch(tokenizer, texts[2:3])  # the longest text, alone
     outputs(model, inputs)
     patch = tokenfuse.patch_of(model)
     n0 = int(inputs["attention_mask"].sum())
     work = sum(float(a + b) / 2 for a, b in patch.trace) / (len(patch.trace) * n0)
-    adaptive = tokenfuse.available()[method].adaptive
+    adaptive = method_class(method).adaptive
     assert work <= keep + 0.06 if adaptive else work == pytest.approx(keep, abs=0.06)
     for (_, after), fraction in zip(patch.trace, patch.schedule[1:], strict=True):
         target = max(math.ceil(fraction * n0), 2)
