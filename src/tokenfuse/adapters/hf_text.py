@@ -70,6 +70,11 @@ class TextPatch:
                 f"tokenfuse needs the 'sdpa' or 'eager' attention implementation, the model uses {impl!r}; "
                 "load it with attn_implementation='sdpa'"
             )
+        if "cls_attention" in method.needs and not family.has_cls:
+            raise ValueError(
+                f"{method.name} scores tokens by [CLS] attention, and {family.name} models have no [CLS] "
+                "token; choose a method that does not (see `tokenfuse methods`)"
+            )
         self.model = model
         self.family = family
         self.method = method
