@@ -51,8 +51,9 @@ class Reduction:
     weight: (B, N, K) the share of the token's size sent to dest. Shares of a merged token sum to
         1 (size is conserved); a pruned token has all shares 0. K = 1 for hard merges; K > 1
         spreads a token over several targets (many-to-many, Token Transforming).
-    feature_weight: (B, N) optional extra weight of each token in the feature average, for methods
-        that fuse by importance (EViT) rather than by size alone.
+    feature_weight: (B, N) optional extra weight of each token in the feature average, multiplied
+        with its size and share, for methods that fuse by importance (EViT) rather than by size
+        alone; a method that wants importance only divides by size itself.
     A token survives iff some share is sent to it; survivors keep their original order.
     """
 

@@ -25,7 +25,9 @@ def bipartite_merge(scores: Tensor, tokens: Tokens, remove: Tensor) -> Reduction
     scores = scores.masked_fill(~(a_ok[:, :, None] & b_ok[:, None, :]), -torch.inf)
     best, partner = scores.max(-1)
     order = best.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     merged = (rank < remove[:, None]) & (best > -torch.inf)
 
     n = tokens.size.shape[1]
