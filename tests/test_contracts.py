@@ -11,7 +11,7 @@ from conftest import ATTN, MODELS
 import tokenfuse
 
 # every registered method with its defaults, plus option variants that change what is captured
-METHODS = [*sorted(tokenfuse.available()), "tome:similarity=keys"]
+METHODS = [*sorted(tokenfuse.available()), "tome:similarity=keys", "transforming:targets=attention"]
 
 
 def apply(model, spec, keep, **extra):
@@ -77,7 +77,8 @@ def test_sizes_are_conserved_and_protected_tokens_kept(method, tokenizer, texts)
     if method_class(method).prunes:
         assert torch.all(tokens.size.sum(-1) <= real)
     else:
-        assert torch.equal(tokens.size.sum(-1), real)  # every input token is accounted for
+        # every input token is accounted for (soft many-to-many shares round in the last bits)
+        assert torch.allclose(tokens.size.sum(-1), real, rtol=0, atol=1e-4)
     assert hidden.shape[1] == tokens.size.shape[1]
     # [CLS] stays first and [SEP] last, each standing for itself only; so does the protected "fox"
     count = tokens.count

@@ -136,8 +136,9 @@ def attention_bias(tokens: Tokens, dtype: torch.dtype, proportional: bool) -> Te
 def attention_probs(q: Tensor, k: Tensor, tokens: Tokens, proportional: bool) -> Tensor:
     """Attention probabilities (B, H, Nq, N) of queries over the keys of `tokens`, as the layer
     computed them (scaled dot product, padding masked, log size added when proportional)."""
-    logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return (logits + attention_bias(tokens, logits.dtype, proportional)).softmax(-1)
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    logits += attention_bias(tokens, logits.dtype, proportional)
+    return logits.softmax(-1)
 
 
 def pool_mean(x: Tensor, size: Tensor) -> Tensor:

@@ -1,0 +1,145 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenfuse.engine import Tokens, reduce
+from tokenfuse.methods import LayerInput, make
+from tokenfuse.methods.pitome import depth_margin, energy
+
+
+def layer(x, remove, real=None, point=1, num_layers=6, **options):
+    """decide() on hand-made states; the first and last real token of each sequence are protected."""
+    B, N, _ = x.shape
+    real = real or [N] * B
+    mask = torch.tensor([[i < r for i in range(N)] for r in real])
+    protected = torch.tensor([[i in (0, r - 1) for i in range(N)] for r in real])
+    tokens = Tokens.start(mask, protected)
+    inp = LayerInput(point=point, x=x, tokens=tokens, remove=torch.tensor(remove), num_layers=num_layers)
+    return make("pitome", **options).decide(inp).dest[..., 0], tokens
+
+
+def near(direction, count, dim=8, noise=0.01, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.zeros(dim)
+    base[direction] = 1.0
+    return base + noise * torch.randn(count, dim, generator=g)
+
+
+def moved(dest):
+    return dest != torch.arange(dest.shape[-1])
+
+
+@pytest.mark.parametrize("options", [{}, {"margin": 0.5}, {"margin": -0.5}])
+@pytest.mark.parametrize("point", [0, 3, 6])
+def test_isolated_token_is_never_merged_while_a_cluster_remains(options, point):
+    # [CLS], six near-duplicates with one orthogonal token among them, [SEP]
+    cluster = near(0, 6)
+    x = torch.cat([near(5, 1), cluster[:3], near(1, 1), cluster[3:], near(6, 1)])[None]
+    isolated = 4
+    for remove in (1, 2, 3):
+        dest, _ = layer(x, [remove], point=point, **options)
+        dest = dest[0]
+        assert moved(dest).sum() == remove
+        assert dest[isolated] == isolated and not (dest[moved(dest)] == isolated).any()
+        assert dest[0] == 0 and dest[-1] == len(dest) - 1  # protected stay put
+
+
+def test_high_energy_tokens_are_those_of_the_largest_cluster():
+    groups = [near(0, 5), near(1, 3, seed=1), near(2, 2, seed=2), near(3, 1, seed=3)]
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 2 + [3])
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    metric = F.normalize(torch.cat(groups)[perm], dim=-1)[None]
+    movable = torch.ones(1, 11, dtype=torch.bool)
+    for margin in (depth_margin(1, 6), depth_margin(6, 6), 0.0):
+        score = energy(metric @ metric.transpose(1, 2), movable, margin)[0]
+        ranked = labels[perm][score.argsort(descending=True)]
+        assert ranked.tolist() == sorted(labels.tolist())  # cluster by cluster, largest first
+
+
+def test_energy_is_the_mean_of_elu_of_similarity_minus_margin():
+    sim = torch.full((1, 4, 4), 0.3)
+    movable = torch.ones(1, 4, dtype=torch.bool)
+    assert torch.allclose(energy(sim.clone(), movable, 0.2), torch.full((1, 4), 0.1))
+    below = energy(sim.clone(), movable, 0.5, alpha=2.0)
+    assert torch.allclose(below, torch.full((1, 4), 2.0 * (math.exp(-0.2) - 1)))
+    # a margin of -1 leaves every cosine in the linear part: mean similarity + 1
+    g = torch.Generator().manual_seed(0)
+    sim = torch.rand(2, 5, 5, generator=g) * 2 - 1
+    assert torch.allclose(energy(sim.clone(), torch.ones(2, 5, dtype=torch.bool), -1.0), sim.mean(-1) + 1)
+
+
+def test_energy_counts_only_the_sequences_own_movable_tokens():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 7, 8, generator=g)
+    alone, _ = layer(x, [2])
+    padded = torch.randn(2, 10, 8, generator=g) * 5
+    padded[1, :7] = x[0]
+    padded[1, 0] = 100.0  # a different [CLS] must not change anything
+    together, tokens = layer(padded, [3, 2], real=[10, 7])
+    assert torch.equal(together[1, :7], alone[0])
+    assert torch.equal(together[1, 7:], torch.arange(7, 10))
+    metric = F.normalize(padded, dim=-1)
+    movable = tokens.mask & ~tokens.protected
+    score = energy(metric @ metric.transpose(1, 2), movable, 0.5)
+    assert torch.all(score[~movable] == -torch.inf)
+    own = F.normalize(x[0, 1:6], dim=-1)
+    expected = F.elu(own @ own.T - 0.5).mean(-1)
+    assert torch.allclose(score[1, 1:6], expected, atol=1e-6)
+
+
+def test_candidates_alternate_by_energy_and_merge_into_their_most_similar_partner():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 14, 6, generator=g)
+    dest, tokens = layer(x, [4], point=2)
+    dest = dest[0]
+    metric = F.normalize(x, dim=-1)
+    sim = metric @ metric.transpose(1, 2)
+    score = energy(sim.clone(), tokens.mask & ~tokens.protected, depth_margin(2, 6))[0]
+    order = score.argsort(descending=True, stable=True)
+    a, b = order[:8:2], order[1:8:2]
+    assert moved(dest).nonzero()[:, 0].tolist() == sorted(a.tolist())
+    assert dest[a].tolist() == b[sim[0][a][:, b].argmax(-1)].tolist()
+
+
+def test_exact_removal_counts_per_sequence_in_a_padded_batch():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 12, 8, generator=g)
+    dest, tokens = layer(x, [4, 2, 5], real=[12, 7, 4])
+    # the third sequence has 2 movable tokens: one merge at most
+    assert moved(dest).sum(-1).tolist() == [4, 2, 1]
+    assert torch.equal(dest[1, 7:], torch.arange(7, 12)) and torch.equal(dest[2, 4:], torch.arange(4, 12))
+    _, after = reduce(x, tokens, make("pitome").decide(LayerInput(1, x, tokens, torch.tensor([4, 2, 5]))))
+    assert after.count.tolist() == [8, 5, 3]
+    assert after.size.sum(-1).tolist() == [12, 7, 4]
+
+
+def test_margin_follows_depth():
+    assert depth_margin(0, 12) == depth_margin(1, 12) == pytest.approx(0.9)
+    assert depth_margin(12, 12) == pytest.approx(0.9 - 0.9 * 11 / 12)
+    margins = [depth_margin(p, 12) for p in range(13)]
+    assert all(a >= b for a, b in zip(margins, margins[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    "options", [{"margin": 1.0}, {"margin": -1.5}, {"margin": "high"}, {"margin": True}, {"alpha": 0}]
+)
+def test_bad_options_are_refused(options):
+    with pytest.raises(ValueError, match=next(iter(options))):
+        make("pitome", **options)
+
+
+def test_options_are_recorded():
+    method = make("pitome", keep=0.6, margin=0.4, alpha=2)
+    assert method.options() == {"keep": 0.6, "schedule": None, "prop_attn": True, "margin": 0.4, "alpha": 2.0}
+    assert make("pitome").options()["margin"] is None
+
+
+def test_decide_uses_the_depth_margin_unless_one_is_fixed():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 14, 6, generator=g)
+    deep, _ = layer(x, [4], point=6)
+    early, _ = layer(x, [4], point=1)
+    fixed, _ = layer(x, [4], point=1, margin=depth_margin(6, 6))
+    assert torch.equal(deep, fixed) and not torch.equal(deep, early)
