@@ -13,6 +13,16 @@ def alternate(x: Tensor) -> tuple[Tensor, Tensor]:
     return x[:, ::2], x[:, 1::2]
 
 
+def ranks(key: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
+    """Stable sort order of `key` per row, and each position's rank in it. Stable, so ties keep
+    token order and a sequence ranks the same alone or in a padded batch."""
+    order = key.argsort(dim=-1, descending=descending, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=key.device).expand_as(order)
+    )
+    return order, rank
+
+
 def bipartite_merge(scores: Tensor, tokens: Tokens, remove: Tensor) -> Reduction:
     """Merge the `remove[b]` A-tokens with the highest score into their best B-partner.
 
@@ -24,10 +34,7 @@ def bipartite_merge(scores: Tensor, tokens: Tokens, remove: Tensor) -> Reduction
     a_ok, b_ok = alternate(movable)
     scores = scores.masked_fill(~(a_ok[:, :, None] & b_ok[:, None, :]), -torch.inf)
     best, partner = scores.max(-1)
-    order = best.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-    )
+    _, rank = ranks(best, descending=True)
     merged = (rank < remove[:, None]) & (best > -torch.inf)
 
     n = tokens.size.shape[1]

@@ -76,7 +76,9 @@ class Method:
     needs: frozenset[str] = frozenset()
     #: True for methods that drop tokens (their sizes no longer add up to the input length)
     prunes: ClassVar[bool] = False
-    #: True for methods that remove a per-input number of tokens, at least what the schedule asks
+    #: True for methods that remove a per-input number of tokens, at least what the schedule asks;
+    #: they must leave a sequence whole when its `remove` is 0 (the adapter skips a point only when
+    #: no sequence of the batch has anything to remove, so anything else breaks padding invariance)
     adaptive: ClassVar[bool] = False
     #: inputs that exist only after a layer's attention, so not at the embeddings
     ATTENTION_INPUTS = frozenset({"keys", "cls_attention", "attention", "values"})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import Reduction
+from ..matching import ranks
 from .base import LayerInput, Method
 from .registry import register
 
@@ -38,9 +39,8 @@ class EViT(Method):
         attn = inp.cls_attention().float()
         movable = tokens.mask & ~tokens.protected
         # Rank movable tokens by [CLS] attention, most attended first; the rest sort after them.
-        order = attn.masked_fill(~movable, -torch.inf).argsort(dim=-1, descending=True, stable=True)
+        order, rank = ranks(attn.masked_fill(~movable, -torch.inf), descending=True)
         positions = torch.arange(order.shape[1], device=order.device)
-        rank = torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
         # Removing r tokens fuses r + 1 of them into one; with nothing to remove nothing is fused.
         n_movable = movable.sum(-1)
         n_fused = torch.where(inp.remove > 0, torch.minimum(inp.remove + 1, n_movable), 0)

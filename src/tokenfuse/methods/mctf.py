@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..engine import Reduction, attention_probs
-from ..matching import alternate, bipartite_merge
+from ..matching import alternate, bipartite_merge, ranks
 from .base import LayerInput, Method
 from .registry import register
 
@@ -129,10 +129,7 @@ class MCTF(Method):
             a_left = a_ok & (dest[:, ::2] == positions[::2])
             back = scores.masked_fill(~(a_left[:, :, None] & b_ok[:, None, :]), -torch.inf)
             best, partner = back.max(1)
-            order = best.argsort(dim=-1, descending=True, stable=True)
-            rank = torch.empty_like(order).scatter_(
-                1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-            )
+            _, rank = ranks(best, descending=True)
             moved = (rank < r_b[:, None]) & (best > -torch.inf)
             dest[:, 1::2] = torch.where(moved, 2 * partner, dest[:, 1::2])
             # An A-token merged into a B-token that moved on follows it (its new home stays put).

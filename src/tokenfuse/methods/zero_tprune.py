@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..engine import Reduction
+from ..matching import ranks
 from .base import LayerInput, Method
 from .registry import register
 
@@ -85,15 +86,6 @@ def _importance(s: Tensor, alive: Tensor) -> Tensor:
     use = (var >= HEAD_VARIANCE[0]) & (var <= HEAD_VARIANCE[1])
     use = (use | ~use.any(-1, keepdim=True)).to(s.dtype)
     return ((s.square() * use[..., None]).sum(1) / use.sum(-1, keepdim=True)).sqrt()
-
-
-def _ranks(key: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
-    """Stable sort order of `key` per row and each position's rank in it."""
-    order = key.argsort(dim=-1, descending=descending, stable=True)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(order.shape[1], device=key.device).expand_as(order)
-    )
-    return order, rank
 
 
 @register
@@ -148,7 +140,7 @@ class ZeroTPrune(Method):
         steps = self.iterations or _steps(inp.point, inp.num_layers)
         score = _importance(_pagerank(attn, alive, steps), alive)
         candidate = movable & alive
-        _, rank = _ranks(score.masked_fill(~candidate, torch.inf))
+        _, rank = ranks(score.masked_fill(~candidate, torch.inf))
         dropped = dropped | (candidate & (rank < n_important[:, None]))
 
         n = real.shape[1]
@@ -163,7 +155,7 @@ class ZeroTPrune(Method):
         if not bool((n_similar > 0).any()):
             return dropped
         # Movable tokens by rising importance (A first, then B), the rest after them.
-        order, _ = _ranks(pre.masked_fill(~movable, torch.inf))
+        order, _ = ranks(pre.masked_fill(~movable, torch.inf))
         width, a_width = int(n_movable.max()), int(n_a.max())
         metric = inp.keys() if self.similarity == "keys" else inp.x
         metric = metric.gather(1, order[:, :width, None].expand(-1, -1, metric.shape[-1]))
@@ -173,7 +165,7 @@ class ZeroTPrune(Method):
         in_b = (slot >= n_a[:, None]) & (slot < n_movable[:, None])
         best = sim.masked_fill(~in_b[:, None, :], -torch.inf).amax(-1)
         best = best.masked_fill(slot[None, :a_width] >= n_a[:, None], -torch.inf)
-        _, rank = _ranks(best.float(), descending=True)
+        _, rank = ranks(best.float(), descending=True)
         chosen = (rank < n_similar[:, None]) & (best > -torch.inf)
         return dropped.scatter_(1, order[:, :a_width], chosen)
 
