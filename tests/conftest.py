@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    RobertaConfig,
+    RobertaModel,
+)
 
 from tokenfuse import data
 
@@ -41,7 +49,21 @@ def tiny_roberta(attn: str = "sdpa") -> RobertaModel:
     return RobertaModel(config).eval()
 
 
-MODELS = {"bert": tiny_bert, "roberta": tiny_roberta}
+def tiny_distilbert(attn: str = "sdpa") -> DistilBertModel:
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=30522,
+        dim=32,
+        n_layers=3,
+        n_heads=4,
+        hidden_dim=64,
+        max_position_embeddings=64,
+        attn_implementation=attn,
+    )
+    return DistilBertModel(config).eval()
+
+
+MODELS = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert}
 
 
 @pytest.fixture(scope="session")

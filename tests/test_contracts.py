@@ -32,7 +32,8 @@ def batch(tokenizer, texts):
 def outputs(model, inputs):
     with torch.inference_mode():
         out = model(**inputs)
-    return out.last_hidden_state, out.pooler_output
+    pooled = getattr(out, "pooler_output", None)  # DistilBERT has no pooler
+    return out.last_hidden_state, out.last_hidden_state if pooled is None else pooled
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))

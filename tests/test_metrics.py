@@ -23,3 +23,10 @@ def test_flops_count_attention_quadratically():
     one = metrics.encoder_flops(np.array([10]), np.array([10]), 8, 32)
     two = metrics.encoder_flops(np.array([20]), np.array([20]), 8, 32)
     assert 2 * one < two < 4 * one
+
+
+def test_mlp_width_reads_bert_and_distilbert_configs():
+    from transformers import BertConfig, DistilBertConfig
+
+    assert metrics.mlp_width(BertConfig(intermediate_size=48)) == 48
+    assert metrics.mlp_width(DistilBertConfig(hidden_dim=64)) == 64

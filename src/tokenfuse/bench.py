@@ -140,7 +140,7 @@ def run(
 
     full = passes[0][0]
     full_time = statistics.median(p.seconds for p in passes[0])
-    hidden, inter = model.config.hidden_size, model.config.intermediate_size
+    hidden, inter = model.config.hidden_size, metrics.mlp_width(model.config)
     full_tokens = full.layer_tokens.mean(-1).sum()
     full_flops = metrics.encoder_flops(full.layer_tokens[..., 0], full.layer_tokens[..., 1], hidden, inter)
     rows = []

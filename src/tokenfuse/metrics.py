@@ -47,6 +47,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return pearson(ranks(a), ranks(b))
 
 
+def mlp_width(config) -> int:
+    """The MLP's inner width: `intermediate_size` in most configs, `hidden_dim` in DistilBERT's."""
+    return getattr(config, "intermediate_size", None) or config.hidden_dim
+
+
 def encoder_flops(attn_tokens: np.ndarray, mlp_tokens: np.ndarray, hidden: int, intermediate: int) -> float:
     """Multiply-add FLOPs of a transformer encoder's layers for per-layer token counts: attention
     projections and the two attention products on the tokens entering attention, the MLP on the

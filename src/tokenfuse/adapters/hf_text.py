@@ -48,6 +48,14 @@ FAMILIES = (
         merge_after="attention",
         qkv=("attention.self.query", "attention.self.key", "attention.self.value"),
     ),
+    Family(
+        "distilbert",
+        ("distilbert",),
+        embeddings="embeddings",
+        layers="transformer.layer",
+        merge_after="sa_layer_norm",
+        qkv=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+    ),
 )
 
 
