@@ -76,10 +76,12 @@ def test_matches_the_reference_algorithm(taus, bidirectional, r):
     q, k = torch.randn(2, 1, heads, n, dim).unbind(0)
     sizes = torch.randint(1, 5, (1, n)).float()
     inp = layer(x, q, k, sizes=sizes.tolist(), remove=[r])
-    attn = inp.attention().mean(dim=(1, 2))[0]  # the full map: exact here, n <= queries
+    attn = inp.attention().mean(dim=(1, 2))[0]  # the full map: exact here, as queries = n
     expected = reference(x[0], attn, sizes[0], r, taus, bidirectional)
     tau_sim, tau_info, tau_size = taus
-    method = make("mctf", bidirectional=bidirectional, tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size)
+    method = make(
+        "mctf", bidirectional=bidirectional, tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size, queries=n
+    )
     got = method.decide(inp).dest[0, :, 0]
     assert got.tolist() == expected
     assert (got != torch.arange(n)).sum().item() == r
@@ -163,7 +165,7 @@ def test_needs_and_options():
     assert make("mctf", tau_info=0).needs == {"hidden"}  # no attention, so it may reduce at point 0
     opts = method.options()
     assert (opts["tau_sim"], opts["tau_info"], opts["tau_size"]) == (1.0, 20.0, 40.0)
-    assert opts["bidirectional"] is True and opts["queries"] == 16
+    assert opts["bidirectional"] is True and opts["queries"] == 8
     inp = layer(torch.randn(1, 6, 4), remove=[2])
     assert make("mctf", tau_info=0).decide(inp).dest.shape == (1, 6, 1)
     with pytest.raises(ValueError, match="queries and keys"):

@@ -123,7 +123,15 @@ def test_margin_follows_depth():
 
 
 @pytest.mark.parametrize(
-    "options", [{"margin": 1.0}, {"margin": -1.5}, {"margin": "high"}, {"margin": True}, {"alpha": 0}]
+    "options",
+    [
+        {"margin": 1.0},
+        {"margin": -1.5},
+        {"margin": "high"},
+        {"margin": True},
+        {"alpha": 0},
+        {"references": 0},
+    ],
 )
 def test_bad_options_are_refused(options):
     with pytest.raises(ValueError, match=next(iter(options))):
@@ -132,7 +140,14 @@ def test_bad_options_are_refused(options):
 
 def test_options_are_recorded():
     method = make("pitome", keep=0.6, margin=0.4, alpha=2)
-    assert method.options() == {"keep": 0.6, "schedule": None, "prop_attn": True, "margin": 0.4, "alpha": 2.0}
+    assert method.options() == {
+        "keep": 0.6,
+        "schedule": None,
+        "prop_attn": True,
+        "margin": 0.4,
+        "alpha": 2.0,
+        "references": 64,
+    }
     assert make("pitome").options()["margin"] is None
 
 
@@ -143,3 +158,31 @@ def test_decide_uses_the_depth_margin_unless_one_is_fixed():
     early, _ = layer(x, [4], point=1)
     fixed, _ = layer(x, [4], point=1, margin=depth_margin(6, 6))
     assert torch.equal(deep, fixed) and not torch.equal(deep, early)
+
+
+def test_reference_tokens_are_spread_over_each_sequences_own_movable_tokens():
+    from tokenfuse.methods.pitome import references
+
+    movable = torch.zeros(2, 12, dtype=torch.bool)
+    movable[0, 1:11] = True  # 10 movable tokens
+    movable[1, 1:4] = True  # 3 movable tokens, then padding
+    at, ok = references(movable, 5)
+    assert at[0].tolist() == [1, 3, 5, 7, 9] and ok[0].all()
+    assert at[1][ok[1]].tolist() == [1, 2, 3] and ok[1].sum() == 3
+
+
+def test_energy_from_references_is_exact_for_short_sequences_and_keeps_isolated_tokens():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 14, 6, generator=g)
+    exact, _ = layer(x, [4], point=2, references=None)
+    estimated, _ = layer(x, [4], point=2, references=64)
+    assert torch.equal(exact, estimated)
+    # a long sequence: 60 near-duplicates and one orthogonal token, energy from 8 references
+    base = torch.zeros(6)
+    base[0] = 1.0
+    odd = torch.zeros(6)
+    odd[1] = 1.0
+    cluster = base + 0.01 * torch.randn(60, 6, generator=g)
+    x = torch.cat([base[None], cluster[:30], odd[None], cluster[30:], base[None]])[None]
+    dest, _ = layer(x, [20], point=2, references=8)
+    assert dest[0, 31] == 31  # the isolated token stays while the cluster merges

@@ -16,6 +16,8 @@ the attention received in the layer that just ran: the paper's ablation without 
 attention (one_step_ahead=0 in the reference code). It is estimated from at most `queries` queries
 per sequence, evenly spaced over its real tokens ([CLS] included), for O(H * queries * N * D) work
 where the full map costs O(H * N^2 * D); it is exact for sequences of up to `queries` tokens. The
+default of 8 queries gives the same cosine to the full model as 16 or all of them (all-MiniLM-L6-v2,
+BBC News, keep 0.5 and 0.35) for less scoring time. The
 paper's fine-tuning (and its distillation) is left out: tokenfuse is training-free. The reference
 divides each criterion by its maximum over the sequence; that scales all of a sequence's scores
 alike and changes no choice, so it is left out. r is split per sequence, and one side takes up what
@@ -70,7 +72,7 @@ class MCTF(Method):
         tau_info: float = 20.0,
         tau_size: float = 40.0,
         bidirectional: bool = True,
-        queries: int = 16,
+        queries: int = 8,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -101,9 +103,9 @@ class MCTF(Method):
         if self.tau_sim > 0:
             metric = inp.x / inp.x.norm(dim=-1, keepdim=True)
             a, b = alternate(metric)
-            sim = ((a @ b.transpose(1, 2)).float() + 1) / 2
-            sim = sim if self.tau_sim == 1 else sim.clamp_min(0) ** (1 / self.tau_sim)
-            scores = sim * fa[:, :, None] * fb[:, None, :]
+            sim = (a @ b.transpose(1, 2)).float().add_(1).mul_(0.5)
+            sim = sim if self.tau_sim == 1 else sim.clamp_min_(0).pow_(1 / self.tau_sim)
+            scores = sim.mul_(fa[:, :, None]).mul_(fb[:, None, :])
         else:
             scores = fa[:, :, None] * fb[:, None, :]
 
