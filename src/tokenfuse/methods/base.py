@@ -36,7 +36,8 @@ class LayerInput:
     prop_attn: bool = True
     has_cls: bool = True
 
-    def _qkv(self) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer's per-head queries, keys and values, or a clear error where there are none."""
         if self.k is None:
             raise ValueError(
                 f"no attention at reduction point {self.point}: declare attention inputs in the method's "
@@ -46,23 +47,23 @@ class LayerInput:
 
     def keys(self) -> Tensor:
         """(B, N, D) attention keys averaged over heads (ToMe's matching metric)."""
-        return self._qkv()[1].mean(1)
+        return self.qkv()[1].mean(1)
 
     def cls_attention(self) -> Tensor:
         """(B, N) attention of the [CLS] query to every token, averaged over heads."""
         if not self.has_cls:
             raise ValueError("this model has no [CLS] token; use a method that does not score by it")
-        q, k, _ = self._qkv()
+        q, k, _ = self.qkv()
         return attention_probs(q[:, :, :1], k, self.tokens, self.prop_attn)[:, :, 0].mean(1)
 
     def attention(self) -> Tensor:
         """(B, H, N, N) the layer's attention probabilities, per head."""
-        q, k, _ = self._qkv()
+        q, k, _ = self.qkv()
         return attention_probs(q, k, self.tokens, self.prop_attn)
 
     def value_norms(self) -> Tensor:
         """(B, N) norm of each token's value vector (all heads together)."""
-        v = self._qkv()[2]
+        v = self.qkv()[2]
         return v.transpose(1, 2).flatten(2).norm(dim=-1)
 
 

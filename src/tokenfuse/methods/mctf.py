@@ -41,11 +41,7 @@ from .registry import register
 def attention_received(inp: LayerInput, queries: int) -> Tensor:
     """(B, N) attention each token receives, averaged over heads and over at most `queries` queries
     spread evenly over the sequence's own real tokens, so padding never changes which queries count."""
-    q, k = inp.q, inp.k
-    if q is None or k is None:
-        raise ValueError(
-            f"no attention at reduction point {inp.point}: mctf needs the layer's queries and keys"
-        )
+    q, k, _ = inp.qkv()
     B, H, N, D = q.shape
     count = inp.tokens.count
     used = count.clamp(1, queries)  # queries per sequence: all of them when it has no more
