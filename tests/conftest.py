@@ -9,10 +9,18 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertModel,
+    DeiTConfig,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
     DistilBertConfig,
     DistilBertModel,
     RobertaConfig,
     RobertaModel,
+    ViTConfig,
+    ViTForImageClassification,
 )
 
 from tokenfuse import data
@@ -64,6 +72,82 @@ def tiny_distilbert(attn: str = "sdpa") -> DistilBertModel:
 
 
 MODELS = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert}
+
+# Tiny vision transformers: 32x32 images in 4x4 patches, 64 patches plus [CLS] (and friends).
+VIT = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
+
+
+def tiny_vit(attn: str = "sdpa") -> ViTForImageClassification:
+    torch.manual_seed(0)
+    config = ViTConfig(**VIT, intermediate_size=64, num_labels=5, attn_implementation=attn)
+    return ViTForImageClassification(config).eval()
+
+
+def tiny_deit(attn: str = "sdpa") -> DeiTModel:
+    torch.manual_seed(0)
+    return DeiTModel(DeiTConfig(**VIT, intermediate_size=64, attn_implementation=attn)).eval()
+
+
+def tiny_dinov2(attn: str = "sdpa") -> Dinov2Model:
+    """LayerScale far from 1, so that a dropped scale would show."""
+    torch.manual_seed(0)
+    config = Dinov2Config(**VIT, mlp_ratio=2, layerscale_value=0.3, attn_implementation=attn)
+    return Dinov2Model(config).eval()
+
+
+def tiny_dinov2_registers(attn: str = "sdpa") -> Dinov2WithRegistersModel:
+    torch.manual_seed(0)
+    config = Dinov2WithRegistersConfig(
+        **VIT, mlp_ratio=2, layerscale_value=0.3, num_register_tokens=2, attn_implementation=attn
+    )
+    return Dinov2WithRegistersModel(config).eval()
+
+
+def tiny_timm(attn: str = "sdpa", **options):
+    timm = pytest.importorskip("timm", reason="timm is an optional extra: pip install 'tokenfuse[timm]'")
+    torch.manual_seed(0)
+    model = timm.models.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=4, mlp_ratio=2, num_classes=5, **options
+    ).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = attn == "sdpa"
+    return model
+
+
+def tiny_timm_dinov2(attn: str = "sdpa"):
+    """DINOv2-style: LayerScale, register tokens, token-average pooling."""
+    return tiny_timm(attn, init_values=0.3, reg_tokens=2, global_pool="avg", dynamic_img_size=True)
+
+
+VISION = {
+    "hf-vit": tiny_vit,
+    "hf-deit": tiny_deit,
+    "hf-dinov2": tiny_dinov2,
+    "hf-dinov2-registers": tiny_dinov2_registers,
+    "timm-vit": tiny_timm,
+    "timm-dinov2": tiny_timm_dinov2,
+}
+PREFIX = {
+    "hf-vit": 1,
+    "hf-deit": 2,
+    "hf-dinov2": 1,
+    "hf-dinov2-registers": 3,
+    "timm-vit": 1,
+    "timm-dinov2": 3,
+}
+
+
+def images(batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def vision_outputs(model, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every output a user reads: hidden states, and the head's output where there is one."""
+    with torch.inference_mode():
+        if hasattr(model, "forward_features"):  # timm
+            return model.forward_features(pixels), model(pixels)
+        out = model(pixel_values=pixels)
+    return tuple(v for k, v in out.items() if k in ("logits", "last_hidden_state", "pooler_output"))
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,17 @@
-"""The contracts every method and adapter owes, run over every registered method, so that a new
-method cannot skip them: identity at keep 1.0, remove() restores, padding invariance, protected
-tokens, size conservation, the budget."""
+"""The contracts every method and adapter owes, run over every registered method and every adapter
+configuration (text and vision), so that a new method or model cannot skip them: identity at keep
+1.0, remove() restores, padding (batch) invariance, protected tokens, size conservation, the budget,
+and for the vision adapters' mid-block reduction, agreement with the host's own block."""
 
 import math
 
 import pytest
 import torch
-from conftest import ATTN, MODELS
+from conftest import ATTN, MODELS, PREFIX, VISION, images, vision_outputs
 
 import tokenfuse
+from tokenfuse.engine import Reduction
+from tokenfuse.methods import Method
 
 # every registered method with its defaults, plus option variants that change what is captured
 METHODS = [*sorted(tokenfuse.available()), "tome:similarity=keys", "transforming:targets=attention"]
@@ -54,6 +57,72 @@ def test_keep_one_is_bit_identical_and_remove_restores(family, attn, method, tok
         assert torch.equal(a, b)
     hooks = [m._forward_hooks or m._forward_pre_hooks for m in model.modules()]
     assert not any(hooks) and not hasattr(model, "_tokenfuse_patch")
+
+
+@pytest.mark.parametrize("family", sorted(VISION))
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("method", METHODS)
+def test_vision_keep_one_is_bit_identical_and_remove_restores(family, attn, method):
+    model = VISION[family](attn)
+    pixels = images()
+    before = vision_outputs(model, pixels)
+    apply(model, method, keep=1.0)
+    for a, b in zip(before, vision_outputs(model, pixels), strict=True):
+        assert torch.equal(a, b)
+    apply(model, method, keep=0.5)
+    vision_outputs(model, pixels)
+    assert tokenfuse.last_tokens(model).size.shape[1] < 64
+    tokenfuse.remove(model)
+    for a, b in zip(before, vision_outputs(model, pixels), strict=True):
+        assert torch.equal(a, b)
+    hooks = [m._forward_hooks or m._forward_pre_hooks for m in model.modules()]
+    assert not any(hooks) and not hasattr(model, "_tokenfuse_patch")
+
+
+class KeepAll(Method):
+    """Runs the full reduction path (every reduction point, every hook) yet moves no token."""
+
+    name = "keep-all"
+    paper = "none: a test device"
+
+    def decide(self, inp):
+        B, N, _ = inp.x.shape
+        return Reduction.hard(torch.arange(N).expand(B, N))
+
+
+@pytest.mark.parametrize("family", sorted(VISION))
+def test_vision_reduction_path_computes_the_hosts_block(family):
+    """Tokens are reduced inside pre-norm blocks, where the residual add is out of a hook's reach; a
+    reduction that moves nothing must then give the host's own output, LayerScale and all. This is
+    the check that ToMe's block copy, which lost LayerScale on timm 1.0, would have failed."""
+    model = VISION[family]()
+    pixels = images()
+    before = vision_outputs(model, pixels)
+    tokenfuse.apply(model, KeepAll(keep=0.5, prop_attn=False))
+    after = vision_outputs(model, pixels)
+    assert tokenfuse.patch_of(model).decide_seconds > 0  # the path really ran
+    for a, b in zip(before, after, strict=True):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("family", sorted(VISION))
+@pytest.mark.parametrize("method", METHODS)
+def test_vision_prefix_tokens_protected_sizes_conserved_and_batch_invariant(family, method):
+    model = apply(VISION[family](), method, keep=0.4)
+    pixels = images()
+    together = vision_outputs(model, pixels)[0]
+    tokens = tokenfuse.last_tokens(model)
+    n0 = 64 + PREFIX[family]
+    if method_class(method).prunes:
+        assert torch.all(tokens.size.sum(-1) <= n0)
+    else:
+        assert torch.allclose(tokens.size.sum(-1), torch.tensor(float(n0)), rtol=0, atol=1e-4)
+    prefix = PREFIX[family]
+    assert torch.all(tokens.protected[:, :prefix]) and tokens.protected.sum() == prefix * len(pixels)
+    assert torch.all(tokens.size[:, :prefix] == 1)
+    for i in range(len(pixels)):
+        alone = vision_outputs(model, pixels[i : i + 1])[0]
+        assert torch.allclose(alone[0, :prefix], together[i, :prefix], atol=1e-5), (method, i)
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))

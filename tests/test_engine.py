@@ -126,6 +126,19 @@ def test_unmerge_maps_every_original_position_to_its_token():
         unmerge(out, Tokens(size=t.size, protected=t.protected))
 
 
+def test_unmerge_spreads_soft_shares_and_fills_pruned_positions_with_the_mean():
+    x = torch.randn(1, 4, 3)
+    tokens = state([[1, 1, 1, 1]], track_source=True)
+    # token 1 is split 0.25 / 0.75 between tokens 0 and 2; token 3 is pruned
+    dest = torch.tensor([[[0, 0], [0, 2], [2, 2], [-1, -1]]])
+    weight = torch.tensor([[[1.0, 0], [0.25, 0.75], [1, 0], [0, 0]]])
+    out, t = reduce(x, tokens, Reduction(dest=dest, weight=weight))
+    full = unmerge(out, t)
+    assert torch.allclose(full[0, 0], out[0, 0]) and torch.allclose(full[0, 2], out[0, 1])
+    assert torch.allclose(full[0, 1], 0.25 * out[0, 0] + 0.75 * out[0, 1], atol=1e-6)
+    assert torch.allclose(full[0, 3], pool_mean(out, t.size)[0], atol=1e-6)
+
+
 def test_bipartite_merges_the_most_similar_pairs_per_sequence():
     # A-tokens at positions 0, 2, 4; B-tokens at 1, 3, 5. Sequence 2 is padded after 4 tokens.
     scores = torch.tensor([[[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.3, 0.1, 0.05]]]).repeat(2, 1, 1)

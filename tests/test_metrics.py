@@ -30,3 +30,20 @@ def test_mlp_width_reads_bert_and_distilbert_configs():
 
     assert metrics.mlp_width(BertConfig(intermediate_size=48)) == 48
     assert metrics.mlp_width(DistilBertConfig(hidden_dim=64)) == 64
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy_and_measures_overconfidence():
+    labels = np.array([0] * 8 + [1] * 2)
+    # every prediction says class 0 with confidence 0.8, and 8 of 10 are right: calibrated
+    calibrated = np.tile([0.8, 0.2], (10, 1))
+    assert metrics.ece(calibrated, labels) == pytest.approx(0.0, abs=1e-9)
+    # the same predictions at confidence 0.99 are overconfident by 19 points
+    assert metrics.ece(np.tile([0.99, 0.01], (10, 1)), labels) == pytest.approx(19.0)
+    # two bins: 0.95 (5 right of 5) and 0.65 (2 right of 5): gaps 5 and 25, weights 1/2
+    probs = np.array([[0.95, 0.05]] * 5 + [[0.65, 0.35]] * 5)
+    assert metrics.ece(probs, np.array([0] * 5 + [0, 0, 1, 1, 1])) == pytest.approx(15.0)
+
+
+def test_nll_of_the_true_class():
+    probs = np.array([[0.5, 0.5], [0.25, 0.75]])
+    assert metrics.nll(probs, np.array([0, 1])) == pytest.approx(-(np.log(0.5) + np.log(0.75)) / 2)

@@ -1,6 +1,6 @@
 """tokenfuse: training-free token reduction for pretrained transformers."""
 
-from .api import apply, last_tokens, patch_of, remove, token_sizes
+from .api import apply, last_tokens, patch_of, remove, to_grid, token_sizes
 from .engine import Reduction, Tokens, attention_bias, pool_mean, reduce, unmerge
 from .methods import LayerInput, Method, available, register
 from .text import embed
@@ -20,6 +20,7 @@ __all__ = [
     "patch_of",
     "pool_mean",
     "reduce",
+    "to_grid",
     "register",
     "remove",
     "token_sizes",

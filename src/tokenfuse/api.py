@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from . import adapters
-from .engine import Tokens
+from .engine import Tokens, unmerge
 from .methods import Method, make
 
 _ATTR = "_tokenfuse_patch"
@@ -61,3 +61,10 @@ def token_sizes(model: nn.Module) -> Tensor:
     """(B, N) how many input tokens each output token of the last forward stands for (0 = padding);
     use it to pool a reduced output."""
     return last_tokens(model).size
+
+
+def to_grid(model: nn.Module, x: Tensor) -> Tensor:
+    """Dense outputs: map the last forward's reduced tokens x (B, N, C) back to every input position
+    (B, N0, C), so that a dense head (segmentation, saliency) runs unchanged. Apply the method with
+    track_source=True. Pruned positions get the mean of the surviving tokens (engine.unmerge)."""
+    return unmerge(x, last_tokens(model))

@@ -40,9 +40,9 @@ class Config:
         return "full" if self.method == "full" else f"{self.method} @ {self.keep:g}"
 
 
-def method_names(spec: str) -> list[str]:
+def method_names(spec: str, baselines: tuple[str, ...] = BASELINES) -> list[str]:
     """A comma list of method names; 'all' stands for every registered method and baseline."""
-    known = [*BASELINES, *available()]
+    known = [*baselines, *available()]
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if "all" in names:
         return known
@@ -52,10 +52,17 @@ def method_names(spec: str) -> list[str]:
     return names
 
 
-def configs_for(methods: list[str], keeps: list[float], options: dict[str, Any]) -> list[Config]:
+def configs_for(
+    methods: list[str], keeps: list[float], options: dict[str, Any], baselines: tuple[str, ...] = BASELINES
+) -> list[Config]:
+    """The full model first, then every method at every keep; fails on a bad keep or option now,
+    before any long work."""
     out = [Config("full", 1.0)]
     for keep in keeps:
-        out += [Config(m, keep, {} if m in BASELINES else options) for m in methods if m != "full"]
+        out += [Config(m, keep, {} if m in baselines else options) for m in methods if m != "full"]
+    for config in out[1:]:
+        if config.method not in baselines:
+            available()[config.method](keep=config.keep, **config.options)
     return out
 
 
@@ -109,9 +116,6 @@ def run(
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     configs = configs_for(method_names(methods), list(keeps), options or {})
-    for config in configs[1:]:  # fail on a bad method, keep or option before any long work
-        if config.method not in BASELINES:
-            available()[config.method](keep=config.keep, **config.options)
     model, tokenizer = data.load_text_model(model_name)
     bbc = data.bbc_news(limit) if "bbc" in datasets else None
     lp = data.lp50() if "lp50" in datasets else None
@@ -170,12 +174,7 @@ def run(
         rows.append(row)
 
     meta = {
-        "versions": _versions(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": torch.get_num_threads(),
-        },
+        **environment(),
         "arguments": {
             "model": model_name,
             "data": list(datasets),
@@ -192,12 +191,20 @@ def run(
     return {"meta": meta, "rows": rows, "notes": notes}
 
 
-def _versions() -> dict[str, str]:
+def environment() -> dict[str, Any]:
+    """Versions and machine, recorded with every result."""
     import transformers
 
     return {
-        "tokenfuse": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
+        "versions": {
+            "tokenfuse": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": torch.get_num_threads(),
+        },
     }

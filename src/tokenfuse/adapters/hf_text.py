@@ -14,15 +14,14 @@ the computation. The hooks:
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..engine import Tokens, attention_bias, reduce
-from ..methods import LayerInput, Method
+from ..methods import Method
+from .core import Patch, check_attention, first, replace_first, with_mask
 
 
 @dataclass(frozen=True)
@@ -68,54 +67,35 @@ def supported() -> list[str]:
     return [t for f in FAMILIES for t in f.model_types]
 
 
-class TextPatch:
-    """Token reduction installed on one Hugging Face encoder; `remove()` takes every hook away."""
+class TextPatch(Patch):
+    """Token reduction installed on one Hugging Face encoder."""
 
     def __init__(self, model: nn.Module, family: Family, method: Method, protect_ids: Sequence[int] = ()):
-        impl = getattr(model.config, "_attn_implementation", "eager")
-        if impl not in ("eager", "sdpa"):
-            raise ValueError(
-                f"tokenfuse needs the 'sdpa' or 'eager' attention implementation, the model uses {impl!r}; "
-                "load it with attn_implementation='sdpa'"
-            )
+        check_attention(model)
         if "cls_attention" in method.needs and not family.has_cls:
             raise ValueError(
                 f"{method.name} scores tokens by [CLS] attention, and {family.name} models have no [CLS] "
                 "token; choose a method that does not (see `tokenfuse methods`)"
             )
-        self.model = model
+        base = model.base_model
+        layers = base.get_submodule(family.layers)
+        super().__init__(model, method, len(layers), model.config.num_attention_heads, family.has_cls)
         self.family = family
-        self.method = method
-        self.base = model.base_model
-        self.layers = self.base.get_submodule(family.layers)
-        self.schedule = method.schedule_for(len(self.layers))
-        self.num_heads = model.config.num_attention_heads
         self.protect_ids = torch.tensor(sorted(set(protect_ids)), dtype=torch.long)
-        self._signature = inspect.signature(self.base.forward)
-        self.tokens: Tokens | None = None
-        self.trace: list[tuple[Tensor, Tensor]] = []
-        self._qkv: dict[str, Tensor] = {}
-        self.decide_seconds = 0.0  # time spent in the method's decisions, for the bench
-        self._n0: Tensor | None = None
+        self._signature = inspect.signature(base.forward)
 
-        embeddings = self.base.get_submodule(family.embeddings)
-        self._handles = [
-            self.base.register_forward_pre_hook(self._start, with_kwargs=True),
-            embeddings.register_forward_hook(self._reduce_hook(0)),
-        ]
-        for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._enter, with_kwargs=True))
-            block = layer.get_submodule(family.merge_after)
-            self._handles.append(block.register_forward_hook(self._reduce_hook(i + 1)))
-            if method.needs & method.ATTENTION_INPUTS:
+        self.hold(
+            base.register_forward_pre_hook(self._start, with_kwargs=True),
+            base.get_submodule(family.embeddings).register_forward_hook(self._reduce_hook(0)),
+        )
+        for i, layer in enumerate(layers):
+            self.hold(
+                layer.register_forward_pre_hook(self._enter, with_kwargs=True),
+                layer.get_submodule(family.merge_after).register_forward_hook(self._reduce_hook(i + 1)),
+            )
+            if self.wants_attention:
                 for name, path in zip("qkv", family.qkv, strict=True):
-                    projection = layer.get_submodule(path)
-                    self._handles.append(projection.register_forward_hook(self._keeper(name)))
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+                    self.hold(layer.get_submodule(path).register_forward_hook(self.keeper(name)))
 
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._signature.bind_partial(*args, **kwargs).arguments
@@ -129,59 +109,15 @@ class TextPatch:
         protected = (positions == 0) | (positions == count[:, None] - 1)
         if ids is not None and len(self.protect_ids):
             protected |= torch.isin(ids, self.protect_ids.to(device))
-        self.tokens = Tokens.start(mask, protected, track_source=self.method.track_source)
-        self._n0 = count
-        self._reduced = False
-        self._qkv = {}
-        self.trace = []
+        self.begin(mask, protected)
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self.trace.append((self.tokens.count, self.tokens.count))
-        if not self._reduced:
-            return None
-        bias = attention_bias(self.tokens, args[0].dtype, self.method.prop_attn)
-        if "attention_mask" in kwargs or len(args) < 2:
-            return args, {**kwargs, "attention_mask": bias}
-        return (args[0], bias, *args[2:]), kwargs
-
-    def _keeper(self, name: str):
-        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
-            B, N, _ = out.shape
-            self._qkv[name] = out.view(B, N, self.num_heads, -1).transpose(1, 2)
-
-        return hook
+        bias = self.enter(args[0].dtype)
+        return None if bias is None else with_mask(args, kwargs, "attention_mask", bias)
 
     def _reduce_hook(self, point: int):
-        fraction = self.schedule[point]
-
         def hook(module: nn.Module, args: tuple, out):
-            if fraction >= 1.0:
-                return None
-            tokens = self.tokens
-            floor = tokens.protected.sum(-1)
-            target = torch.maximum(torch.ceil(self._n0 * fraction).long(), floor)
-            remove = (tokens.count - target).clamp_min(0)
-            if not bool(remove.any()):
-                return None
-            x = out[0] if isinstance(out, tuple) else out
-            start = time.perf_counter()
-            inp = LayerInput(
-                point=point,
-                x=x,
-                tokens=tokens,
-                remove=remove,
-                num_layers=len(self.layers),
-                prop_attn=self.method.prop_attn,
-                has_cls=self.family.has_cls,
-                **self._qkv,
-            )
-            self._qkv = {}
-            red = self.method.decide(inp)
-            self.decide_seconds += time.perf_counter() - start
-            x, self.tokens = reduce(x, tokens, red)
-            self._reduced = True
-            if point > 0:
-                self.trace[-1] = (self.trace[-1][0], self.tokens.count)
-            return (x, *out[1:]) if isinstance(out, tuple) else x
+            x = self.reduce_at(point, first(out))
+            return None if x is None else replace_first(out, x)
 
         return hook

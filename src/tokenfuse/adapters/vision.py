@@ -1,0 +1,188 @@
+"""Vision transformers: Hugging Face ViT, DeiT, DINOv2 (with or without registers) and timm's
+`VisionTransformer` (DeiT, ViT, DINOv2-style models with LayerScale and register tokens).
+
+Like the text adapter, hooks only: the host's own norms, attention, LayerScale and MLP run
+unchanged. These blocks are pre-norm, so the residual add sits inside the block's forward, where a
+hook cannot reach it. Tokens are reduced between attention and MLP (as ToMe does) like this:
+  - before the MLP's norm: the input is the residual stream after attention; reduce it (x -> x');
+  - after the MLP branch's last module: keep its output m' (already on the reduced tokens) and
+    hand the block zeros of the unreduced shape, so its residual add passes x through unchanged;
+  - after the block: return x' + m', what the block computes on the reduced tokens.
+Anything between the branch's last module and the add (dropout, drop path) is the identity in
+eval mode, which reduction requires. The [CLS], distillation and register tokens are protected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..methods import Method
+from .core import Patch, check_attention, first, replace_first, with_mask
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one family of vision transformers keeps its parts, relative to its base model.
+
+    embeddings: module whose output is the token sequence entering the first layer.
+    layer: class names of the pre-norm blocks this adapter knows; the model's list of them is found
+    by type, and any other block is refused.
+    mlp_in: the norm before the MLP; mlp_out: the last module of the MLP branch.
+    qkv: the query, key, value projections, or one fused projection.
+    """
+
+    name: str
+    embeddings: str
+    layer: tuple[str, ...]
+    mlp_in: str
+    mlp_out: str
+    qkv: tuple[str, ...]
+    mask_arg: str = "attention_mask"
+
+
+HF_VIT = Family(
+    "hf-vit",
+    embeddings="embeddings",
+    layer=("ViTLayer", "DeiTLayer"),
+    mlp_in="layernorm_after",
+    mlp_out="mlp",
+    qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+)
+HF_DINOV2 = Family(
+    "hf-dinov2",
+    embeddings="embeddings",
+    layer=("Dinov2Layer", "Dinov2WithRegistersLayer"),
+    mlp_in="norm2",
+    mlp_out="layer_scale2",
+    qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+)
+TIMM = Family(
+    "timm",
+    embeddings="norm_pre",
+    layer=("Block",),
+    mlp_in="norm2",
+    mlp_out="drop_path2",
+    qkv=("attn.qkv",),
+    mask_arg="attn_mask",
+)
+HF_TYPES = {"vit": HF_VIT, "deit": HF_VIT, "dinov2": HF_DINOV2, "dinov2_with_registers": HF_DINOV2}
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    return type(model).__name__ == "VisionTransformer" and type(model).__module__.startswith("timm.")
+
+
+def family_of(model: nn.Module) -> Family | None:
+    if is_timm_vit(model):
+        return TIMM
+    return HF_TYPES.get(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def supported() -> list[str]:
+    return [*HF_TYPES, "timm VisionTransformer"]
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    """[CLS], distillation and register tokens ahead of the patches: never reduced."""
+    if is_timm_vit(model):
+        return model.num_prefix_tokens
+    config = model.config
+    if config.model_type == "deit":
+        return 2
+    return 1 + getattr(config, "num_register_tokens", 0)
+
+
+def find_layers(base: nn.Module, family: Family) -> nn.ModuleList | nn.Sequential:
+    """The model's list of blocks, all of a known type and layout, or a clear refusal."""
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList | nn.Sequential) and len(m)]
+    layers = next((m for m in lists if type(m[0]).__name__ in family.layer), None)
+    if layers is None or any(type(layer).__name__ not in family.layer for layer in layers):
+        found = sorted({type(m[0]).__name__ for m in lists})
+        raise TypeError(
+            f"tokenfuse knows {family.name} blocks of type {', '.join(family.layer)}, this model has "
+            f"{', '.join(found) or 'none'}; its computation may differ, so it is not patched"
+        )
+    for path in (family.mlp_in, family.mlp_out, *family.qkv):
+        try:
+            layers[0].get_submodule(path)
+        except AttributeError:
+            raise TypeError(
+                f"{type(layers[0]).__name__} has no {path!r}: this library version lays out its blocks "
+                "differently from the one tokenfuse was tested with (transformers 5.x, timm 1.0)"
+            ) from None
+    return layers
+
+
+class VisionPatch(Patch):
+    """Token reduction installed on one vision transformer."""
+
+    def __init__(self, model: nn.Module, family: Family, method: Method):
+        if family is TIMM:
+            base = model
+            heads = model.blocks[0].attn.num_heads
+        else:
+            check_attention(model)
+            base = model.base_model
+            heads = model.config.num_attention_heads
+        layers = find_layers(base, family)
+        super().__init__(model, method, len(layers), heads, has_cls=True)
+        self.family = family
+        self.prefix = prefix_tokens(model)
+        self._pending: tuple[Tensor, torch.Size] | None = None
+        self._branch: Tensor | None = None
+
+        self.hold(base.get_submodule(family.embeddings).register_forward_hook(self._embedded))
+        for i, layer in enumerate(layers):
+            self.hold(
+                layer.register_forward_pre_hook(self._enter, with_kwargs=True),
+                layer.get_submodule(family.mlp_in).register_forward_pre_hook(self._before_mlp(i + 1)),
+                layer.get_submodule(family.mlp_out).register_forward_hook(self._after_mlp),
+                layer.register_forward_hook(self._after_layer),
+            )
+            if self.wants_attention:
+                names = ("qkv",) if len(family.qkv) == 1 else "qkv"
+                for name, path in zip(names, family.qkv, strict=True):
+                    self.hold(layer.get_submodule(path).register_forward_hook(self.keeper(name)))
+
+    def _embedded(self, module: nn.Module, args: tuple, out):
+        x = first(out)
+        B, N, _ = x.shape
+        mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
+        protected = (torch.arange(N, device=x.device) < self.prefix).expand(B, N)
+        self.begin(mask, protected)
+        self._pending = None
+        x = self.reduce_at(0, x)
+        return None if x is None else replace_first(out, x)
+
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        bias = self.enter(args[0].dtype)
+        return None if bias is None else with_mask(args, kwargs, self.family.mask_arg, bias)
+
+    def _before_mlp(self, point: int):
+        def hook(module: nn.Module, args: tuple):
+            if self.schedule[point] < 1.0 and module.training:
+                raise RuntimeError("token reduction runs in eval mode: call model.eval() first")
+            x = args[0]
+            reduced = self.reduce_at(point, x)
+            if reduced is None:
+                return None
+            self._pending = (reduced, x.shape)
+            return (reduced, *args[1:])
+
+        return hook
+
+    def _after_mlp(self, module: nn.Module, args: tuple, out: Tensor):
+        if self._pending is None:
+            return None
+        self._branch = out
+        return out.new_zeros(self._pending[1])
+
+    def _after_layer(self, module: nn.Module, args: tuple, out):
+        if self._pending is None:
+            return None
+        x = self._pending[0] + self._branch
+        self._pending = self._branch = None
+        return replace_first(out, x)

