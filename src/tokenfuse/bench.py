@@ -34,10 +34,15 @@ class Config:
     method: str
     keep: float
     options: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # how results call it; the method's name unless set
+
+    @property
+    def title(self) -> str:
+        return self.name or self.method
 
     @property
     def label(self) -> str:
-        return "full" if self.method == "full" else f"{self.method} @ {self.keep:g}"
+        return "full" if self.method == "full" else f"{self.title} @ {self.keep:g}"
 
 
 def method_names(spec: str, baselines: tuple[str, ...] = BASELINES) -> list[str]:
@@ -119,9 +124,39 @@ def run(
     model, tokenizer = data.load_text_model(model_name)
     bbc = data.bbc_news(limit) if "bbc" in datasets else None
     lp = data.lp50() if "lp50" in datasets else None
-    timing_texts = bbc.texts if bbc else lp.texts
-    notes: list[str] = []
+    rows, notes = measure(model, tokenizer, configs, bbc, lp, batch_size, max_length, repeats, progress)
+    meta = {
+        **environment(),
+        "arguments": {
+            "model": model_name,
+            "data": list(datasets),
+            "methods": methods,
+            "keeps": list(keeps),
+            "max_length": max_length,
+            "batch_size": batch_size,
+            "limit": limit,
+            "repeats": repeats,
+            "options": options or {},
+            "documents": len(bbc.texts if bbc else lp.texts),
+        },
+    }
+    return {"meta": meta, "rows": rows, "notes": notes}
 
+
+def measure(
+    model,
+    tokenizer,
+    configs: list[Config],
+    bbc: data.Labelled | None,
+    lp: data.Pairs | None,
+    batch_size: int,
+    max_length: int | None,
+    repeats: int,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of speed and quality for each configuration (the first must be the full model), timed on
+    the BBC documents (else the LP50 ones) in interleaved rounds; notes from warnings on the way."""
+    timing_texts = bbc.texts if bbc else lp.texts
     passes: list[list[Pass]] = [[] for _ in configs]
     lp_emb: list[np.ndarray] = []
     with progress_bar(progress) as bar, warnings.catch_warnings(record=True) as caught:
@@ -140,7 +175,7 @@ def run(
                 bar.update(task, description=f"LP50: {config.label}")
                 lp_emb.append(encode(model, tokenizer, lp.texts, config, batch_size, max_length).embeddings)
                 bar.advance(task)
-    notes += sorted({str(w.message) for w in caught})
+    notes = sorted({str(w.message) for w in caught})
 
     full = passes[0][0]
     full_time = statistics.median(p.seconds for p in passes[0])
@@ -153,6 +188,7 @@ def run(
         seconds = statistics.median(p.seconds for p in passes[i])
         flops = metrics.encoder_flops(first.layer_tokens[..., 0], first.layer_tokens[..., 1], hidden, inter)
         row = {
+            "name": config.title,
             "method": config.method,
             "keep": config.keep,
             "options": config.options,
@@ -172,23 +208,7 @@ def run(
             row["lp50_pearson"] = metrics.pearson(sims, lp.scores)
             row["lp50_spearman"] = metrics.spearman(sims, lp.scores)
         rows.append(row)
-
-    meta = {
-        **environment(),
-        "arguments": {
-            "model": model_name,
-            "data": list(datasets),
-            "methods": methods,
-            "keeps": list(keeps),
-            "max_length": max_length,
-            "batch_size": batch_size,
-            "limit": limit,
-            "repeats": repeats,
-            "options": options or {},
-            "documents": len(timing_texts),
-        },
-    }
-    return {"meta": meta, "rows": rows, "notes": notes}
+    return rows, notes
 
 
 def environment() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The `tokenfuse` command line: `bench` (the main job) and `methods`."""
+"""The `tokenfuse` command line: `bench` (the main job), `report` and `methods`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .data import MissingAsset
@@ -79,7 +80,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the methods with their paper and options")
 
     r = sub.add_parser("report", help="plots and tables of bench results: an HTML page or a PNG")
-    r.add_argument("files", nargs="+", type=Path, metavar="RESULTS.json", help="from `bench --json`")
+    r.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS.json",
+        help="written by `bench --json` (or `calibrate --json`); files of one model share its plot",
+    )
     r.add_argument(
         "-o",
         "--output",
@@ -215,15 +222,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, err: Console) -> int:
-    from rich.markup import escape
-
     from .report import write_report
 
-    try:
-        write_report(args.files, args.output)
-    except ValueError as e:  # escaped: rich would take the "[report]" of the install hint for markup
-        err.print(f"[red]error:[/red] {escape(str(e))}")
-        return 2
+    write_report(args.files, args.output)
     err.print(f"report written to {escape(str(args.output))}")
     return 0
 
@@ -240,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return report(args, err)
         results = run_bench(args)
-    except (ValueError, TypeError, MissingAsset) as e:
-        err.print(f"[red]error:[/red] {e}")
+    except (ValueError, TypeError, MissingAsset) as e:  # escaped: "[report]" in a hint is not markup
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         return 2
     for t in bench_tables(results):
         out.print(t)

@@ -63,3 +63,25 @@ def geometric(keep: float, num_layers: int, at_embeddings: bool = True) -> list[
         q = (lo + hi) / 2
         lo, hi = (q, hi) if work(shape(q)) < keep else (lo, q)
     return shape(hi)
+
+
+def power(keep: float, num_layers: int, gamma: float, first: int = 0) -> list[float]:
+    """A family of schedules for calibration: nothing removed before point `first`, then the share
+    of tokens left falls as 1 - (1 - end) * t**gamma over the remaining points (t = 1/n .. 1), `end`
+    chosen so that the work is `keep`. gamma < 1 removes most tokens early, gamma > 1 late; as gamma
+    goes to 0 the schedule is flat at about `keep` from point `first` on."""
+    keep = check_keep(keep)
+    n = num_layers + 1 - first
+
+    def shape(end: float) -> list[float]:
+        return [1.0] * first + [1 - (1 - end) * ((i + 1) / n) ** gamma for i in range(n)]
+
+    if keep == 1.0:
+        return [1.0] * (num_layers + 1)
+    if keep <= work(shape(0.0)):
+        raise ValueError(f"keep {keep} is below what this schedule shape can reach on {num_layers} layers")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        end = (lo + hi) / 2
+        lo, hi = (end, hi) if work(shape(end)) < keep else (lo, end)
+    return shape(lo)
