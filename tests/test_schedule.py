@@ -40,3 +40,24 @@ def test_explicit_schedule_is_checked():
         schedule.check_schedule([0.8, 0.5], 2)
     with pytest.raises(ValueError, match="non-increasing"):
         schedule.check_schedule([0.5, 0.8, 0.4], 2)
+
+
+@pytest.mark.parametrize("gamma", [0.05, 0.3, 1.0, 2.0])
+@pytest.mark.parametrize("first", [0, 1])
+def test_power_schedules_spend_exactly_the_budget(gamma, first):
+    try:
+        s = schedule.power(0.5, 6, gamma, first)
+    except ValueError:
+        assert gamma >= 1.0  # back-loaded shapes cannot reach low budgets
+        return
+    assert len(s) == 7 and s[:first] == [1.0] * first
+    assert schedule.work(s) == pytest.approx(0.5, abs=1e-9)
+    assert all(b <= a for a, b in pairwise(s))
+
+
+def test_power_front_loaded_removes_early_and_back_loaded_late():
+    early, late = schedule.power(0.7, 6, 0.2), schedule.power(0.7, 6, 2.0)
+    assert early[0] < late[0] and early[-1] > late[-1]
+    assert schedule.power(1.0, 6, 0.5) == [1.0] * 7
+    with pytest.raises(ValueError, match="below what"):
+        schedule.power(0.2, 6, 2.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,15 +20,24 @@ def apply(
     method: str | Method = "tome",
     keep: float | None = None,
     *,
+    config: str | Path | dict[str, Any] | None = None,
     protect_ids: Sequence[int] = (),
     **options: Any,
 ) -> nn.Module:
     """Patch `model` in place so it reduces tokens with `method`, and return it.
 
-    keep: fraction of token-layer work kept (1.0 = nothing removed). protect_ids: token ids never
-    merged or removed, besides the first and last token ([CLS], [SEP]). Other options go to the
-    method (`tokenfuse methods` lists them). Applying again replaces the previous method.
+    keep: fraction of token-layer work kept (1.0 = nothing removed). config: a configuration found
+    by `tokenfuse calibrate` (its JSON path or dict), which sets the method, its options and its
+    schedule. protect_ids: token ids never merged or removed, besides the first and last token
+    ([CLS], [SEP]). Other options go to the method (`tokenfuse methods` lists them). Applying again
+    replaces the previous method.
     """
+    if config is not None:
+        from .calibrate import load_config
+
+        config = load_config(config)
+        method, keep = config["method"], None
+        options = {**config["options"], "schedule": config["schedule"], **options}
     if keep is not None:
         options["keep"] = keep
     method = make(method, **options)

@@ -113,14 +113,24 @@ def run(
     repeats: int = 3,
     options: dict[str, Any] | None = None,
     progress: bool = True,
+    config: str | None = None,
 ) -> dict[str, Any]:
-    """Run the bench and return its results as a JSON-ready dict ({"meta", "rows", "notes"})."""
+    """Run the bench and return its results as a JSON-ready dict ({"meta", "rows", "notes"}).
+    config: a `tokenfuse calibrate` configuration, benched as one more row named "config"."""
     unknown = set(datasets) - set(DATASETS)
     if unknown or not datasets:
         raise ValueError(f"unknown data set(s) {sorted(unknown)}; choose from: {', '.join(DATASETS)}")
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     configs = configs_for(method_names(methods), list(keeps), options or {})
+    if config is not None:
+        from .calibrate import load_config
+
+        found = load_config(config)
+        schedule = {"schedule": found["schedule"]}
+        configs.append(
+            Config(found["method"], found["keep"], {**found["options"], **schedule}, name="config")
+        )
     model, tokenizer = data.load_text_model(model_name)
     bbc = data.bbc_news(limit) if "bbc" in datasets else None
     lp = data.lp50() if "lp50" in datasets else None
@@ -137,6 +147,7 @@ def run(
             "limit": limit,
             "repeats": repeats,
             "options": options or {},
+            "config": config,
             "documents": len(bbc.texts if bbc else lp.texts),
         },
     }

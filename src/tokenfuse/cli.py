@@ -74,8 +74,27 @@ def parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="method option, e.g. --set similarity=keys (repeatable)",
     )
+    b.add_argument("--config", help="text: also bench a configuration written by `tokenfuse calibrate`")
     b.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    c = sub.add_parser("calibrate", help="fit a reduction configuration to a budget on a few inputs")
+    c.add_argument("--model", default="minilm", help="'minilm' (packaged), a local folder or a hub id")
+    c.add_argument("--data", default="bbc", help="bbc (BBC News)")
+    budget = c.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--keep", type=float, help="work fraction in (0, 1], as in bench")
+    budget.add_argument("--speedup", type=float, help="measured speedup over the full model")
+    c.add_argument("--calib-size", type=int, default=64, help="calibration documents per set")
+    c.add_argument("--method", help="search this method only (default: tome, mctf, transforming, pitome)")
+    c.add_argument("--time-limit", type=float, default=180, help="seconds of search per calibration set")
+    c.add_argument("--repeats", type=int, default=1, help="disjoint calibration sets, for the spread")
+    c.add_argument("--holdout", type=int, default=400, help="held-out documents for the evaluation")
+    c.add_argument("--max-length", type=int, default=512)
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--eval-repeats", type=int, default=3, help="interleaved timing rounds of the evaluation")
+    c.add_argument("--out", type=Path, default=Path("calibrated.json"), help="where the configuration goes")
+    c.add_argument("--json", type=Path, help="also write the evaluation as JSON to this path")
+    c.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     sub.add_parser("methods", help="list the methods with their paper and options")
 
@@ -99,6 +118,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 COLUMNS = [  # (title, key, format); a table shows the ones its rows have
+    ("name", "name", "{}"),
     ("method", "method", "{}"),
     ("keep", "keep", "{:g}"),
     ("tokens", "tokens", "{:.3f}"),
@@ -125,9 +145,10 @@ CAPTION = (
 
 def table(title: str, caption: str, rows: list[dict[str, Any]]) -> Table:
     out = Table(title=title, caption=caption)
-    columns = [c for c in COLUMNS if c[1] in rows[0]]
+    named = any(r.get("name", r["method"]) != r["method"] for r in rows)  # configs, calibrations
+    columns = [c for c in COLUMNS if c[1] in rows[0] and (c[1] != "name" or named)]
     for name, _, _ in columns:
-        out.add_column(name, justify="left" if name == "method" else "right")
+        out.add_column(name, justify="left" if name in ("name", "method") else "right")
     for row in rows:
         out.add_row(*(fmt.format(row[key]) for _, key, fmt in columns))
     return out
@@ -135,6 +156,13 @@ def table(title: str, caption: str, rows: list[dict[str, Any]]) -> Table:
 
 def bench_tables(results: dict[str, Any]) -> list[Table]:
     args = results["meta"]["arguments"]
+    if args.get("task") == "calibrate":
+        title = (
+            f"tokenfuse calibrate: {args['model']}, keep {args['keep']:.3g}, {args['calib_size']} "
+            f"calibration documents, {args['holdout']} held-out, max length {args['max_length']}"
+        )
+        caption = CAPTION.format(repeats=args["eval_repeats"]) + "; cosine: held-out embeddings vs full"
+        return [table(title, caption, results["rows"])]
     caption = CAPTION.format(repeats=args["repeats"])
     if args.get("task") != "vision":
         title = (
@@ -217,8 +245,45 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         max_length=args.max_length,
         batch_size=args.batch_size or 16,
         limit=args.limit or 400,
+        config=args.config,
         **common,
     )
+
+
+def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
+    from . import calibrate
+
+    if args.data != "bbc":
+        raise ValueError(f"calibrate runs on: bbc (got {args.data!r})")
+    results, config = calibrate.run_text(
+        model_name=args.model,
+        keep=args.keep,
+        speedup=args.speedup,
+        calib_size=args.calib_size,
+        methods=_names(args.method) or calibrate.METHODS,
+        time_limit=args.time_limit,
+        repeats=args.repeats,
+        holdout=args.holdout,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        eval_repeats=args.eval_repeats,
+        progress=not args.no_progress,
+    )
+    args.out.write_text(json.dumps(config, indent=2))
+    found = config["found"]
+    err.print(
+        f"configuration written to {args.out}: {config['method']}, schedule {found['shape']}, options "
+        f"{config['options'] or 'default'}; calibration cosine {found['calibration_score']:.4f} "
+        f"(constant schedule: {found['constant_score'] or float('nan'):.4f})"
+    )
+    spread = results["meta"]["spread"]
+    if len(spread["heldout_cosine"]) > 1:
+        values = ", ".join(f"{v:.4f}" for v in spread["heldout_cosine"])
+        err.print(
+            f"held-out cosine over {len(spread['heldout_cosine'])} calibration sets: {values}; "
+            f"range {spread['range']:.4f}"
+        )
+    return results
 
 
 def report(args: argparse.Namespace, err: Console) -> int:
@@ -240,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return report(args, err)
-        results = run_bench(args)
+        results = calibrate(args, err) if args.command == "calibrate" else run_bench(args)
     except (ValueError, TypeError, MissingAsset) as e:  # escaped: "[report]" in a hint is not markup
         err.print(f"[red]error:[/red] {escape(str(e))}")
         return 2

@@ -1,0 +1,324 @@
+"""`tokenfuse calibrate`: the reduction configuration that loses the least at a given budget, found
+without training on a few dozen inputs.
+
+A constant per-layer rate is the papers' default, not the best use of a budget. The search scores a
+candidate (method, options, per-layer schedule) by how close the reduced model stays to the full one
+on the calibration inputs (embedding cosine for encoders), reusing the full model's outputs, and
+stops at a time limit. Schedules come from one family (`schedule.power`): from front-loaded (most
+tokens go early, where attention is widest) to back-loaded, always at the same work. Stages:
+  1. every candidate method with its constant schedule and with each shape of the family;
+  2. the best method's options (proportional attention off; ToMe's similarity on keys);
+  3. a finer shape search between the best shape's neighbours, while time remains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, data
+from . import schedule as sched
+from .api import apply, remove
+from .bench import Config, environment, measure
+from .methods import Method, available
+from .progress import progress_bar
+from .text import embed
+
+METHODS = ("tome", "mctf", "transforming", "pitome")  # the merging methods that lead the bench
+SHAPES = (0.05, 0.15, 0.3, 0.5, 1.0, 2.0)  # gamma of schedule.power: front- to back-loaded
+OPTIONS = {"tome": ({"similarity": "keys"},)}  # method-specific variants tried in stage 2
+
+
+@dataclass(frozen=True)
+class Candidate:
+    method: str
+    schedule: tuple[float, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+    gamma: float | None = None  # the power family's shape; None for the method's constant schedule
+
+    @property
+    def shape(self) -> str:
+        return "constant" if self.gamma is None else f"power {self.gamma:.3g}"
+
+    def apply_options(self) -> dict[str, Any]:
+        return {**self.options, "schedule": list(self.schedule)}
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    score: float
+
+
+def constant(method: str, keep: float, num_layers: int) -> Candidate:
+    """The method's own default schedule at this budget, the baseline to beat."""
+    return Candidate(method, tuple(available()[method](keep=keep).schedule_for(num_layers)))
+
+
+def shaped(method: str, keep: float, num_layers: int, gamma: float, options=None) -> Candidate | None:
+    """A schedule of the power family, or None where that shape cannot reach the budget."""
+    needs = available()[method](**(options or {})).needs
+    first = 1 if needs & Method.ATTENTION_INPUTS else 0  # attention scores exist only after a layer
+    try:
+        schedule = sched.power(keep, num_layers, gamma, first)
+    except ValueError:
+        return None
+    return Candidate(method, tuple(schedule), dict(options or {}), gamma)
+
+
+def search(
+    score: Callable[[Candidate], float],
+    keep: float,
+    num_layers: int,
+    methods: Sequence[str] = METHODS,
+    time_limit: float = 180.0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[Trial]:
+    """Every trial made, best first. `score` is higher for closer to the full model."""
+    deadline = time.monotonic() + time_limit
+    trials: list[Trial] = []
+
+    def trial(candidate: Candidate | None) -> None:
+        late = trials and time.monotonic() > deadline  # the first trial always runs
+        if candidate is None or late or any(t.candidate == candidate for t in trials):
+            return
+        progress(f"{candidate.method}, {candidate.shape} {candidate.options or ''}")
+        trials.append(Trial(candidate, score(candidate)))
+
+    def best() -> Candidate:
+        return max(trials, key=lambda t: t.score).candidate
+
+    for method in methods:  # stage 1
+        trial(constant(method, keep, num_layers))
+        for gamma in SHAPES:
+            trial(shaped(method, keep, num_layers, gamma))
+    top = best()  # stage 2
+    for options in ({"prop_attn": False}, *OPTIONS.get(top.method, ())):
+        trial(Candidate(top.method, top.schedule, {**top.options, **options}, top.gamma))
+    step = 2.0  # stage 3: halve the step of the shape, in log gamma, around the best
+    while best().gamma is not None and step > 1.1 and time.monotonic() < deadline:
+        step, top = math.sqrt(step), best()
+        for gamma in (top.gamma / step, top.gamma * step):
+            trial(shaped(top.method, keep, num_layers, gamma, top.options))
+    return sorted(trials, key=lambda t: -t.score)
+
+
+def config_record(best: Trial, keep: float, how: dict[str, Any]) -> dict[str, Any]:
+    """The JSON a calibration writes, and `tokenfuse.apply(model, config=path)` reads."""
+    c = best.candidate
+    return {
+        "tokenfuse": __version__,
+        "method": c.method,
+        "options": c.options,
+        "schedule": list(c.schedule),
+        "keep": keep,
+        "work": sched.work(c.schedule),
+        "found": {"shape": c.shape, "calibration_score": best.score, **how},
+    }
+
+
+def load_config(config: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A calibrated configuration, from its JSON file or as a dict, checked enough to fail clearly."""
+    if not isinstance(config, dict):
+        path = Path(config)
+        if not path.is_file():
+            raise ValueError(f"config file {path} not found; write it with: tokenfuse calibrate --out {path}")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            hint = "rewrite it with tokenfuse calibrate"
+            raise ValueError(f"config file {path} is not JSON ({err}); {hint}") from None
+    missing = {"method", "options", "schedule"} - set(config)
+    if missing:
+        raise ValueError(f"config lacks {sorted(missing)}; it should come from `tokenfuse calibrate`")
+    return config
+
+
+def run_text(
+    model_name: str = "minilm",
+    keep: float | None = None,
+    speedup: float | None = None,
+    calib_size: int = 64,
+    methods: Sequence[str] = METHODS,
+    time_limit: float = 180.0,
+    repeats: int = 1,
+    holdout: int = 400,
+    max_length: int = 512,
+    batch_size: int = 16,
+    eval_repeats: int = 3,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Calibrate an encoder on BBC News and evaluate on held-out documents: (results, config).
+
+    The held-out set is the bench's: the first `holdout` documents of the fixed shuffled order; the
+    r-th calibration set is the next `calib_size` documents after the (r-1)-th, never held-out ones.
+    With `speedup`, the budget is measured: the search runs at keep = 1 / speedup, the found
+    configuration is timed against the full model on the calibration documents, keep is corrected
+    by the shortfall, and the search runs once more.
+    """
+    if (keep is None) == (speedup is None):
+        raise ValueError("give the budget as either --keep (work fraction) or --speedup (measured), not both")
+    if speedup is not None and speedup <= 1:
+        raise ValueError(f"speedup must be above 1, got {speedup}")
+    keep = sched.check_keep(1 / speedup if keep is None else keep)
+    unknown = [m for m in methods if m not in available()]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(available())}")
+    if calib_size < 1 or repeats < 1:
+        raise ValueError("calib-size and repeats must be at least 1")
+    docs = data.bbc_news()
+    if holdout + calib_size * repeats > len(docs.texts):
+        raise ValueError(
+            f"{holdout} held-out plus {repeats} x {calib_size} calibration documents exceed the "
+            f"{len(docs.texts)} of BBC News; lower --calib-size, --repeats or --holdout"
+        )
+    model, tokenizer = data.load_text_model(model_name)
+    num_layers = model.config.num_hidden_layers
+    searches = []
+    start = time.monotonic()
+    with progress_bar(progress) as bar:
+        for r in range(repeats):
+            first = holdout + r * calib_size
+            task = bar.add_task(f"calibration set {r + 1}/{repeats}", total=None)
+
+            def say(what: str, task=task, r=r) -> None:
+                bar.update(task, description=f"calibration set {r + 1}/{repeats}: {what}")
+
+            texts = docs.texts[first : first + calib_size]
+            found = calibrate_texts(
+                model, tokenizer, texts, keep, speedup, methods, time_limit, max_length, batch_size, say
+            )
+            searches.append((*found, first))
+            bar.remove_task(task)
+    seconds = time.monotonic() - start
+
+    trials, keep, measured, first = searches[0]
+    best = trials[0]
+    method = best.candidate.method
+    const = next((t.score for t in trials if t.candidate == constant(method, keep, num_layers)), None)
+    configs = [
+        Config("full", 1.0),
+        Config(method, keep, best.candidate.apply_options(), name="calibrated"),
+        Config(method, keep, name="constant"),
+        Config("truncation", keep),
+    ]
+    configs += [
+        Config(t[0][0].candidate.method, t[1], t[0][0].candidate.apply_options(), name=f"calibrated {r + 2}")
+        for r, t in enumerate(searches[1:])
+    ]
+    held = data.Labelled(docs.texts[:holdout], docs.labels[:holdout], docs.classes)
+    rows, notes = measure(
+        model, tokenizer, configs, held, None, batch_size, max_length, eval_repeats, progress
+    )
+    how = {
+        "model": model_name,
+        "data": "bbc",
+        "calib_size": calib_size,
+        "calibration_documents": [first, first + calib_size],
+        "objective": "mean embedding cosine to the full model",
+        "constant_score": const,
+        "trials": len(trials),
+        "time_limit": time_limit,
+        "seconds": seconds,
+        "speedup_target": speedup,
+        "speedup_measured_on_calibration": measured,
+    }
+    config = config_record(best, keep, how)
+    calibrated = [r["cosine"] for r in rows if r["name"].startswith("calibrated")]
+    meta = {
+        **environment(),
+        "arguments": {
+            "task": "calibrate",
+            "model": model_name,
+            "data": "bbc",
+            "keep": keep,
+            "speedup": speedup,
+            "calib_size": calib_size,
+            "methods": list(methods),
+            "time_limit": time_limit,
+            "repeats": repeats,
+            "holdout": holdout,
+            "max_length": max_length,
+            "batch_size": batch_size,
+            "eval_repeats": eval_repeats,
+        },
+        "config": config,
+        "spread": {
+            "heldout_cosine": calibrated,
+            "range": max(calibrated) - min(calibrated),
+            "configs": [
+                {"method": t[0][0].candidate.method, "shape": t[0][0].candidate.shape, "keep": t[1]}
+                for t in searches
+            ],
+        },
+        "top_trials": [
+            {
+                "method": t.candidate.method,
+                "shape": t.candidate.shape,
+                "options": t.candidate.options,
+                "score": t.score,
+            }
+            for t in trials[:8]
+        ],
+    }
+    return {"meta": meta, "rows": rows, "notes": notes}, config
+
+
+def calibrate_texts(
+    model,
+    tokenizer,
+    texts: list[str],
+    keep: float,
+    speedup: float | None,
+    methods: Sequence[str],
+    time_limit: float,
+    max_length: int,
+    batch_size: int,
+    say: Callable[[str], None],
+) -> tuple[list[Trial], float, list[float]]:
+    """One calibration on `texts`: (trials best first, the keep searched at, measured speedups)."""
+
+    def embeddings():
+        return embed(model, tokenizer, texts, batch_size, max_length, progress=False)
+
+    def score(candidate: Candidate) -> float:
+        apply(model, candidate.method, **candidate.apply_options())
+        return float(torch.nn.functional.cosine_similarity(embeddings(), full).mean())
+
+    remove(model)
+    full = embeddings()
+    num_layers = model.config.num_hidden_layers
+    if speedup is None:
+        trials = search(score, keep, num_layers, methods, time_limit, say)
+        remove(model)
+        return trials, keep, []
+    trials = search(score, keep, num_layers, methods, time_limit / 2, say)
+    measured = [timed_speedup(model, trials[0].candidate, embeddings)]
+    keep = sched.check_keep(min(1.0, keep * measured[0] / speedup))  # correct by the shortfall
+    trials = search(score, keep, num_layers, methods, time_limit / 2, say)
+    measured.append(timed_speedup(model, trials[0].candidate, embeddings))
+    return trials, keep, measured
+
+
+def timed_speedup(model, candidate: Candidate, run: Callable[[], Any], rounds: int = 3) -> float:
+    """Full time over the candidate's time on the same inputs, medians of interleaved rounds."""
+    full, reduced = [], []
+    for _ in range(rounds):
+        remove(model)
+        start = time.perf_counter()
+        run()
+        full.append(time.perf_counter() - start)
+        apply(model, candidate.method, **candidate.apply_options())
+        start = time.perf_counter()
+        run()
+        reduced.append(time.perf_counter() - start)
+    remove(model)
+    return statistics.median(full) / statistics.median(reduced)

@@ -1,0 +1,98 @@
+"""Calibration: the search finds what its objective prefers within its time, configurations load
+and apply, the command runs end to end on held-out documents."""
+
+import json
+
+import pytest
+import torch
+from conftest import MODELS
+
+import tokenfuse
+from tokenfuse import calibrate, cli
+from tokenfuse import schedule as sched
+
+
+def test_search_finds_the_preferred_method_shape_and_option():
+    """A synthetic objective: mctf beats the others, front-loaded shapes near gamma 0.2 score best,
+    and proportional attention off is a small gain. Every trial spends exactly the budget."""
+
+    def score(c: calibrate.Candidate) -> float:
+        s = 1.0 if c.method == "mctf" else 0.5
+        s -= 0.0 if c.gamma is None else 0.1 * abs(torch.log(torch.tensor(c.gamma / 0.2))).item()
+        s -= 0.2 if c.gamma is None else 0.0
+        return s + (0.01 if c.options.get("prop_attn") is False else 0.0)
+
+    trials = calibrate.search(score, keep=0.5, num_layers=6, methods=("tome", "mctf"), time_limit=60)
+    best = trials[0].candidate
+    assert best.method == "mctf" and best.options == {"prop_attn": False}
+    assert best.gamma == pytest.approx(0.2, rel=0.25)
+    assert all(sched.work(t.candidate.schedule) == pytest.approx(0.5, abs=1e-6) for t in trials)
+    assert [t.score for t in trials] == sorted((t.score for t in trials), reverse=True)
+    # methods that read attention never reduce at the embeddings
+    assert all(t.candidate.schedule[0] == 1.0 for t in trials if t.candidate.method == "mctf")
+
+
+def test_search_stops_at_its_time_limit_after_one_trial():
+    trials = calibrate.search(lambda c: 0.0, keep=0.5, num_layers=6, time_limit=0)
+    assert len(trials) == 1
+
+
+def test_apply_takes_a_calibrated_configuration(tmp_path):
+    model = MODELS["bert"](layers=4)
+    config = {
+        "method": "tome",
+        "options": {"prop_attn": False},
+        "schedule": [1.0, 0.8, 0.6, 0.5, 0.4],
+        "keep": 0.6,
+    }
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    for given in (path, config):
+        patch = tokenfuse.patch_of(tokenfuse.apply(model, config=given))
+        assert patch.method.name == "tome" and patch.method.prop_attn is False
+        assert patch.schedule == config["schedule"]
+    with pytest.raises(ValueError, match="not found"):
+        tokenfuse.apply(model, config=tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="lacks"):
+        tokenfuse.apply(model, config={"method": "tome"})
+
+
+def test_calibrate_command_end_to_end(tmp_path, capsys):
+    out, results = tmp_path / "config.json", tmp_path / "results.json"
+    args = ["calibrate", "--keep", "0.5", "--calib-size", "4", "--holdout", "8", "--time-limit", "3"]
+    args += ["--method", "tome", "--max-length", "128", "--eval-repeats", "1", "--no-progress"]
+    assert cli.main([*args, "--out", str(out), "--json", str(results)]) == 0
+    config = json.loads(out.read_text())
+    assert config["method"] == "tome" and sched.work(config["schedule"]) == pytest.approx(0.5, abs=1e-6)
+    assert config["found"]["calib_size"] == 4 and config["found"]["calibration_documents"] == [8, 12]
+    rows = {r["name"]: r for r in json.loads(results.read_text())["rows"]}
+    assert set(rows) == {"full", "calibrated", "constant", "truncation"}
+    assert all(0 < r["cosine"] <= 1.0001 and r["speedup"] > 0 for r in rows.values())
+    assert "calibrated" in capsys.readouterr().out
+    # bench benches the configuration beside the usual rows
+    bench_json = tmp_path / "bench.json"
+    bench = [
+        "bench",
+        "--config",
+        str(out),
+        "--method",
+        "tome",
+        "--limit",
+        "8",
+        "--repeats",
+        "1",
+        "--data",
+        "bbc",
+    ]
+    assert cli.main([*bench, "--max-length", "128", "--no-progress", "--json", str(bench_json)]) == 0
+    names = [r["name"] for r in json.loads(bench_json.read_text())["rows"]]
+    assert names == ["full", "tome", "config"]
+
+
+def test_calibrate_errors_name_the_fix(capsys):
+    assert cli.main(["calibrate", "--keep", "0.5", "--method", "nope"]) == 2
+    assert "unknown method(s) nope" in capsys.readouterr().err
+    assert cli.main(["calibrate", "--keep", "0.5", "--calib-size", "2000"]) == 2
+    assert "lower --calib-size" in capsys.readouterr().err
+    assert cli.main(["calibrate", "--speedup", "0.5"]) == 2
+    assert "above 1" in capsys.readouterr().err
