@@ -64,7 +64,7 @@ def test_calibrate_command_end_to_end(tmp_path, capsys):
     assert cli.main([*args, "--out", str(out), "--json", str(results)]) == 0
     config = json.loads(out.read_text())
     assert config["method"] == "tome" and sched.work(config["schedule"]) == pytest.approx(0.5, abs=1e-6)
-    assert config["found"]["calib_size"] == 4 and config["found"]["calibration_documents"] == [8, 12]
+    assert config["found"]["calib_size"] == 4 and config["found"]["calibration_inputs"] == [8, 12]
     rows = {r["name"]: r for r in json.loads(results.read_text())["rows"]}
     assert set(rows) == {"full", "calibrated", "constant", "truncation"}
     assert all(0 < r["cosine"] <= 1.0001 and r["speedup"] > 0 for r in rows.values())

@@ -21,6 +21,7 @@ def apply(
     keep: float | None = None,
     *,
     config: str | Path | dict[str, Any] | None = None,
+    temperature: float | None = None,
     protect_ids: Sequence[int] = (),
     **options: Any,
 ) -> nn.Module:
@@ -28,9 +29,10 @@ def apply(
 
     keep: fraction of token-layer work kept (1.0 = nothing removed). config: a configuration found
     by `tokenfuse calibrate` (its JSON path or dict), which sets the method, its options and its
-    schedule. protect_ids: token ids never merged or removed, besides the first and last token
-    ([CLS], [SEP]). Other options go to the method (`tokenfuse methods` lists them). Applying again
-    replaces the previous method.
+    schedule, and a classifier's temperature if it was fitted. temperature: divide a classifier's
+    logits by it, to restore the confidence calibration that fewer tokens change. protect_ids: token
+    ids never merged or removed, besides the first and last token ([CLS], [SEP]). Other options go
+    to the method (`tokenfuse methods` lists them). Applying again replaces the previous method.
     """
     if config is not None:
         from .calibrate import load_config
@@ -38,12 +40,30 @@ def apply(
         config = load_config(config)
         method, keep = config["method"], None
         options = {**config["options"], "schedule": config["schedule"], **options}
+        temperature = config.get("temperature") if temperature is None else temperature
     if keep is not None:
         options["keep"] = keep
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     method = make(method, **options)
     remove(model)
-    setattr(model, _ATTR, adapters.install(model, method, protect_ids))
+    patch = adapters.install(model, method, protect_ids)
+    if temperature is not None:
+        patch.hold(model.register_forward_hook(_scale_logits(temperature)))
+    setattr(model, _ATTR, patch)
     return model
+
+
+def _scale_logits(temperature: float):
+    def hook(module: nn.Module, args: tuple, out):
+        if isinstance(out, Tensor):  # timm classifiers return the logits
+            return out / temperature
+        if getattr(out, "logits", None) is None:
+            raise TypeError("a temperature scales a classifier's logits, and this model returns none")
+        out["logits"] = out.logits / temperature
+        return out
+
+    return hook
 
 
 def remove(model: nn.Module) -> nn.Module:

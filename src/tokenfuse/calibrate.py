@@ -142,6 +142,142 @@ def load_config(config: str | Path | dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+@dataclass
+class Found:
+    """The outcome of calibrating on one set: trials best first, the keep searched at (corrected
+    for a speedup budget), the speedups measured on the way, and where the set starts."""
+
+    trials: list[Trial]
+    keep: float
+    measured: list[float]
+    first: int
+
+    @property
+    def best(self) -> Candidate:
+        return self.trials[0].candidate
+
+
+def check_budget(keep: float | None, speedup: float | None, methods: Sequence[str], sets: int) -> float:
+    if (keep is None) == (speedup is None):
+        raise ValueError("give the budget as either --keep (work fraction) or --speedup (measured), not both")
+    if speedup is not None and speedup <= 1:
+        raise ValueError(f"speedup must be above 1, got {speedup}")
+    unknown = [m for m in methods if m not in available()]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(available())}")
+    if sets < 1:
+        raise ValueError("calib-size and repeats must be at least 1")
+    return sched.check_keep(1 / speedup if keep is None else keep)
+
+
+def calibrate_sets(
+    model,
+    objective: Callable[[int], tuple[Callable[[Candidate], float], Callable[[], Any]]],
+    starts: list[int],
+    keep: float,
+    speedup: float | None,
+    methods: Sequence[str],
+    time_limit: float,
+    progress: bool,
+) -> list[Found]:
+    """Search on each calibration set. objective(first) gives, for the set starting at `first`, its
+    score function and a function running the full-size model on it (for timing a speedup budget).
+
+    With `speedup`, the budget is measured: a first search at keep = 1 / speedup, the found
+    configuration timed against the full model on the set, keep corrected by the shortfall, and a
+    second search; each gets half the time.
+    """
+    num_layers = model.config.num_hidden_layers
+    found = []
+    with progress_bar(progress) as bar:
+        for r, first in enumerate(starts):
+            task = bar.add_task(f"calibration set {r + 1}/{len(starts)}", total=None)
+
+            def say(what: str, task=task, r=r) -> None:
+                bar.update(task, description=f"calibration set {r + 1}/{len(starts)}: {what}")
+
+            score, run = objective(first)
+            k, measured = keep, []
+            for _ in range(1 if speedup is None else 2):
+                if measured:
+                    k = sched.check_keep(min(1.0, k * measured[-1] / speedup))
+                trials = search(
+                    score, k, num_layers, methods, time_limit / (1 if speedup is None else 2), say
+                )
+                if speedup is not None:
+                    measured.append(timed_speedup(model, trials[0].candidate, run))
+            remove(model)
+            found.append(Found(trials, k, measured, first))
+            bar.remove_task(task)
+    return found
+
+
+def results(
+    found: list[Found],
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    arguments: dict[str, Any],
+    how: dict[str, Any],
+    quality: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The evaluation results and the configuration of the first set, with the spread of held-out
+    `quality` over the calibrated configurations of every set."""
+    first = found[0]
+    best = first.trials[0]
+    num_layers = len(best.candidate.schedule) - 1
+    baseline = constant(best.candidate.method, first.keep, num_layers)
+    how = {
+        **how,
+        "calib_size": arguments["calib_size"],
+        "calibration_inputs": [first.first, first.first + arguments["calib_size"]],
+        "constant_score": next((t.score for t in first.trials if t.candidate == baseline), None),
+        "trials": len(first.trials),
+        "time_limit": arguments["time_limit"],
+        "speedup_target": arguments["speedup"],
+        "speedup_measured_on_calibration": first.measured,
+    }
+    config = config_record(best, first.keep, how)
+    calibrated = [r[quality] for r in rows if r["name"].startswith("calibrated")]
+    meta = {
+        **environment(),
+        "arguments": {"task": "calibrate", **arguments, "keep": first.keep},
+        "config": config,
+        "spread": {
+            "quality": quality,
+            "heldout": calibrated,
+            "range": max(calibrated) - min(calibrated),
+            "configs": [{"method": f.best.method, "shape": f.best.shape, "keep": f.keep} for f in found],
+        },
+        "top_trials": [
+            {
+                "method": t.candidate.method,
+                "shape": t.candidate.shape,
+                "options": t.candidate.options,
+                "score": t.score,
+            }
+            for t in first.trials[:8]
+        ],
+    }
+    return {"meta": meta, "rows": rows, "notes": notes}, config
+
+
+def calibrated_configs(found: list[Found], baselines: Sequence[str], **extra: Any) -> list[Config]:
+    """What the evaluation compares: full, the calibrated configuration, the same method with its
+    constant schedule at the same budget, the baselines, and the other sets' calibrations."""
+    first = found[0]
+    method = first.best.method
+    configs = [
+        Config("full", 1.0),
+        Config(method, first.keep, {**first.best.apply_options(), **extra}, name="calibrated"),
+        Config(method, first.keep, name="constant"),
+        *(Config(b, first.keep) for b in baselines),
+    ]
+    return configs + [
+        Config(f.best.method, f.keep, {**f.best.apply_options(), **extra}, name=f"calibrated {r + 2}")
+        for r, f in enumerate(found[1:])
+    ]
+
+
 def run_text(
     model_name: str = "minilm",
     keep: float | None = None,
@@ -156,24 +292,10 @@ def run_text(
     eval_repeats: int = 3,
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Calibrate an encoder on BBC News and evaluate on held-out documents: (results, config).
-
-    The held-out set is the bench's: the first `holdout` documents of the fixed shuffled order; the
-    r-th calibration set is the next `calib_size` documents after the (r-1)-th, never held-out ones.
-    With `speedup`, the budget is measured: the search runs at keep = 1 / speedup, the found
-    configuration is timed against the full model on the calibration documents, keep is corrected
-    by the shortfall, and the search runs once more.
-    """
-    if (keep is None) == (speedup is None):
-        raise ValueError("give the budget as either --keep (work fraction) or --speedup (measured), not both")
-    if speedup is not None and speedup <= 1:
-        raise ValueError(f"speedup must be above 1, got {speedup}")
-    keep = sched.check_keep(1 / speedup if keep is None else keep)
-    unknown = [m for m in methods if m not in available()]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(available())}")
-    if calib_size < 1 or repeats < 1:
-        raise ValueError("calib-size and repeats must be at least 1")
+    """Calibrate an encoder on BBC News (objective: mean embedding cosine to the full model) and
+    evaluate on held-out documents: (results, config). The held-out set is the bench's, the first
+    `holdout` documents of the fixed shuffled order; the calibration sets follow it, disjoint."""
+    keep = check_budget(keep, speedup, methods, calib_size * repeats)
     docs = data.bbc_news()
     if holdout + calib_size * repeats > len(docs.texts):
         raise ValueError(
@@ -181,131 +303,46 @@ def run_text(
             f"{len(docs.texts)} of BBC News; lower --calib-size, --repeats or --holdout"
         )
     model, tokenizer = data.load_text_model(model_name)
-    num_layers = model.config.num_hidden_layers
-    searches = []
+
+    def objective(first: int):
+        texts = docs.texts[first : first + calib_size]
+
+        def run():
+            return embed(model, tokenizer, texts, batch_size, max_length, progress=False)
+
+        remove(model)
+        full = run()
+
+        def score(candidate: Candidate) -> float:
+            apply(model, candidate.method, **candidate.apply_options())
+            return float(torch.nn.functional.cosine_similarity(run(), full).mean())
+
+        return score, run
+
     start = time.monotonic()
-    with progress_bar(progress) as bar:
-        for r in range(repeats):
-            first = holdout + r * calib_size
-            task = bar.add_task(f"calibration set {r + 1}/{repeats}", total=None)
-
-            def say(what: str, task=task, r=r) -> None:
-                bar.update(task, description=f"calibration set {r + 1}/{repeats}: {what}")
-
-            texts = docs.texts[first : first + calib_size]
-            found = calibrate_texts(
-                model, tokenizer, texts, keep, speedup, methods, time_limit, max_length, batch_size, say
-            )
-            searches.append((*found, first))
-            bar.remove_task(task)
+    starts = [holdout + r * calib_size for r in range(repeats)]
+    found = calibrate_sets(model, objective, starts, keep, speedup, methods, time_limit, progress)
     seconds = time.monotonic() - start
-
-    trials, keep, measured, first = searches[0]
-    best = trials[0]
-    method = best.candidate.method
-    const = next((t.score for t in trials if t.candidate == constant(method, keep, num_layers)), None)
-    configs = [
-        Config("full", 1.0),
-        Config(method, keep, best.candidate.apply_options(), name="calibrated"),
-        Config(method, keep, name="constant"),
-        Config("truncation", keep),
-    ]
-    configs += [
-        Config(t[0][0].candidate.method, t[1], t[0][0].candidate.apply_options(), name=f"calibrated {r + 2}")
-        for r, t in enumerate(searches[1:])
-    ]
     held = data.Labelled(docs.texts[:holdout], docs.labels[:holdout], docs.classes)
+    configs = calibrated_configs(found, ("truncation",))
     rows, notes = measure(
         model, tokenizer, configs, held, None, batch_size, max_length, eval_repeats, progress
     )
-    how = {
+    arguments = {
         "model": model_name,
         "data": "bbc",
+        "speedup": speedup,
         "calib_size": calib_size,
-        "calibration_documents": [first, first + calib_size],
-        "objective": "mean embedding cosine to the full model",
-        "constant_score": const,
-        "trials": len(trials),
+        "methods": list(methods),
         "time_limit": time_limit,
-        "seconds": seconds,
-        "speedup_target": speedup,
-        "speedup_measured_on_calibration": measured,
+        "repeats": repeats,
+        "holdout": holdout,
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "eval_repeats": eval_repeats,
     }
-    config = config_record(best, keep, how)
-    calibrated = [r["cosine"] for r in rows if r["name"].startswith("calibrated")]
-    meta = {
-        **environment(),
-        "arguments": {
-            "task": "calibrate",
-            "model": model_name,
-            "data": "bbc",
-            "keep": keep,
-            "speedup": speedup,
-            "calib_size": calib_size,
-            "methods": list(methods),
-            "time_limit": time_limit,
-            "repeats": repeats,
-            "holdout": holdout,
-            "max_length": max_length,
-            "batch_size": batch_size,
-            "eval_repeats": eval_repeats,
-        },
-        "config": config,
-        "spread": {
-            "heldout_cosine": calibrated,
-            "range": max(calibrated) - min(calibrated),
-            "configs": [
-                {"method": t[0][0].candidate.method, "shape": t[0][0].candidate.shape, "keep": t[1]}
-                for t in searches
-            ],
-        },
-        "top_trials": [
-            {
-                "method": t.candidate.method,
-                "shape": t.candidate.shape,
-                "options": t.candidate.options,
-                "score": t.score,
-            }
-            for t in trials[:8]
-        ],
-    }
-    return {"meta": meta, "rows": rows, "notes": notes}, config
-
-
-def calibrate_texts(
-    model,
-    tokenizer,
-    texts: list[str],
-    keep: float,
-    speedup: float | None,
-    methods: Sequence[str],
-    time_limit: float,
-    max_length: int,
-    batch_size: int,
-    say: Callable[[str], None],
-) -> tuple[list[Trial], float, list[float]]:
-    """One calibration on `texts`: (trials best first, the keep searched at, measured speedups)."""
-
-    def embeddings():
-        return embed(model, tokenizer, texts, batch_size, max_length, progress=False)
-
-    def score(candidate: Candidate) -> float:
-        apply(model, candidate.method, **candidate.apply_options())
-        return float(torch.nn.functional.cosine_similarity(embeddings(), full).mean())
-
-    remove(model)
-    full = embeddings()
-    num_layers = model.config.num_hidden_layers
-    if speedup is None:
-        trials = search(score, keep, num_layers, methods, time_limit, say)
-        remove(model)
-        return trials, keep, []
-    trials = search(score, keep, num_layers, methods, time_limit / 2, say)
-    measured = [timed_speedup(model, trials[0].candidate, embeddings)]
-    keep = sched.check_keep(min(1.0, keep * measured[0] / speedup))  # correct by the shortfall
-    trials = search(score, keep, num_layers, methods, time_limit / 2, say)
-    measured.append(timed_speedup(model, trials[0].candidate, embeddings))
-    return trials, keep, measured
+    how = {"model": model_name, "data": "bbc", "objective": "mean embedding cosine to the full model"}
+    return results(found, rows, notes, arguments, {**how, "seconds": seconds}, "cosine")
 
 
 def timed_speedup(model, candidate: Candidate, run: Callable[[], Any], rounds: int = 3) -> float:

@@ -277,10 +277,10 @@ def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
         f"(constant schedule: {found['constant_score'] or float('nan'):.4f})"
     )
     spread = results["meta"]["spread"]
-    if len(spread["heldout_cosine"]) > 1:
-        values = ", ".join(f"{v:.4f}" for v in spread["heldout_cosine"])
+    if len(spread["heldout"]) > 1:
+        values = ", ".join(f"{v:.4f}" for v in spread["heldout"])
         err.print(
-            f"held-out cosine over {len(spread['heldout_cosine'])} calibration sets: {values}; "
+            f"held-out {spread['quality']} over {len(spread['heldout'])} calibration sets: {values}; "
             f"range {spread['range']:.4f}"
         )
     return results
