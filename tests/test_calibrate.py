@@ -32,6 +32,17 @@ def test_search_finds_the_preferred_method_shape_and_option():
     assert all(t.candidate.schedule[0] == 1.0 for t in trials if t.candidate.method == "mctf")
 
 
+def test_option_variants_get_a_schedule_they_can_run():
+    """ToMe on hidden states may reduce at the embeddings; on keys it cannot (there are none yet)."""
+    trials = calibrate.search(
+        lambda c: -c.schedule[0], keep=0.5, num_layers=6, methods=("tome",), time_limit=60
+    )
+    keys = [t.candidate for t in trials if t.candidate.options.get("similarity") == "keys"]
+    assert keys and all(c.schedule[0] == 1.0 for c in keys)
+    for c in (t.candidate for t in trials):
+        tokenfuse.methods.make(c.method, **c.apply_options())  # every candidate is a valid method
+
+
 def test_search_stops_at_its_time_limit_after_one_trial():
     trials = calibrate.search(lambda c: 0.0, keep=0.5, num_layers=6, time_limit=0)
     assert len(trials) == 1

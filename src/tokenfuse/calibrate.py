@@ -13,6 +13,7 @@ tokens go early, where attention is widest) to back-loaded, always at the same w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__, data
@@ -58,9 +60,10 @@ class Trial:
     score: float
 
 
-def constant(method: str, keep: float, num_layers: int) -> Candidate:
+def constant(method: str, keep: float, num_layers: int, options=None) -> Candidate:
     """The method's own default schedule at this budget, the baseline to beat."""
-    return Candidate(method, tuple(available()[method](keep=keep).schedule_for(num_layers)))
+    instance = available()[method](keep=keep, **(options or {}))
+    return Candidate(method, tuple(instance.schedule_for(num_layers)), dict(options or {}))
 
 
 def shaped(method: str, keep: float, num_layers: int, gamma: float, options=None) -> Candidate | None:
@@ -100,9 +103,13 @@ def search(
         trial(constant(method, keep, num_layers))
         for gamma in SHAPES:
             trial(shaped(method, keep, num_layers, gamma))
-    top = best()  # stage 2
+    top = best()  # stage 2: the same shape with other options (which may move its first point)
     for options in ({"prop_attn": False}, *OPTIONS.get(top.method, ())):
-        trial(Candidate(top.method, top.schedule, {**top.options, **options}, top.gamma))
+        options = {**top.options, **options}
+        if top.gamma is None:
+            trial(constant(top.method, keep, num_layers, options))
+        else:
+            trial(shaped(top.method, keep, num_layers, top.gamma, options))
     step = 2.0  # stage 3: halve the step of the shape, in log gamma, around the best
     while best().gamma is not None and step > 1.1 and time.monotonic() < deadline:
         step, top = math.sqrt(step), best()
@@ -359,3 +366,117 @@ def timed_speedup(model, candidate: Candidate, run: Callable[[], Any], rounds: i
         reduced.append(time.perf_counter() - start)
     remove(model)
     return statistics.median(full) / statistics.median(reduced)
+
+
+def fit_temperature(log_probs: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T minimising the NLL of softmax(logits / T) on labelled inputs (Guo et al.,
+    ICML 2017); log-probabilities stand in for logits, which they equal up to a per-row constant."""
+
+    def nll(log_t: float) -> float:
+        z = log_probs / math.exp(log_t)
+        z = z - z.max(1, keepdims=True)
+        return float((np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]).mean())
+
+    lo, hi = math.log(0.05), math.log(20.0)  # golden-section search: NLL is unimodal in log T
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
+    return math.exp((lo + hi) / 2)
+
+
+def run_classifier(
+    keep: float | None = None,
+    speedup: float | None = None,
+    calib_size: int = 64,
+    methods: Sequence[str] = METHODS,
+    time_limit: float = 180.0,
+    repeats: int = 1,
+    holdout: int = 500,
+    fit_temp: bool = False,
+    batch_size: int | None = None,
+    eval_repeats: int = 3,
+    data_path: str | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Calibrate the Fashion-MNIST classifier (objective: mean KL divergence of the reduced model's
+    class distribution from the full one's) and evaluate on held-out test images. The held-out set
+    is the vision bench's, the first `holdout` test images; the calibration sets follow it. With
+    `fit_temp`, a temperature is fitted on the calibration set's labels and stored in the config."""
+    from . import bench_vision
+
+    keep = check_budget(keep, speedup, methods, calib_size * repeats)
+    subject = bench_vision.classifier(holdout + calib_size * repeats, data_path, batch_size)
+    if len(subject.labels) < holdout + calib_size * repeats:
+        raise ValueError(
+            f"{holdout} held-out plus {repeats} x {calib_size} calibration images exceed the "
+            f"{len(subject.labels)} test images; lower --calib-size, --repeats or --holdout"
+        )
+    model = subject.model
+
+    def log_probs(pixels) -> np.ndarray:
+        with torch.inference_mode():
+            return np.concatenate(
+                [
+                    np.log(subject.forward(model, pixels[i : i + subject.batch_size], False)["probs"] + 1e-12)
+                    for i in range(0, len(pixels), subject.batch_size)
+                ]
+            )
+
+    def objective(first: int):
+        pixels = subject.pixels[first : first + calib_size]
+        remove(model)
+        full = log_probs(pixels)
+
+        def score(candidate: Candidate) -> float:
+            apply(model, candidate.method, **candidate.apply_options())
+            reduced = log_probs(pixels)
+            return -float((np.exp(full) * (full - reduced)).sum(1).mean())
+
+        return score, lambda: log_probs(pixels)
+
+    start = time.monotonic()
+    starts = [holdout + r * calib_size for r in range(repeats)]
+    found = calibrate_sets(model, objective, starts, keep, speedup, methods, time_limit, progress)
+    extra = {}
+    if fit_temp:
+        first = found[0]
+        apply(model, first.best.method, **first.best.apply_options())
+        labels = subject.labels[first.first : first.first + calib_size]
+        extra["temperature"] = fit_temperature(
+            log_probs(subject.pixels[first.first : first.first + calib_size]), labels
+        )
+        remove(model)
+    seconds = time.monotonic() - start
+    configs = calibrated_configs(found, ("resize",))
+    if extra:
+        first = found[0]
+        options = {**first.best.apply_options(), **extra}
+        configs.insert(2, Config(first.best.method, first.keep, options, name="calibrated + temperature"))
+    held = dataclasses.replace(subject, pixels=subject.pixels[:holdout], labels=subject.labels[:holdout])
+    held.timing = holdout
+    with progress_bar(progress) as bar:
+        rows = bench_vision.bench_subject(held, configs, eval_repeats, bar)
+    for row, config in zip(rows, configs, strict=True):
+        row["name"] = config.title
+    arguments = {
+        "model": "fmnist-vit",
+        "data": "fmnist",
+        "speedup": speedup,
+        "calib_size": calib_size,
+        "methods": list(methods),
+        "time_limit": time_limit,
+        "repeats": repeats,
+        "holdout": holdout,
+        "fit_temperature": fit_temp,
+        "batch_size": subject.batch_size,
+        "eval_repeats": eval_repeats,
+    }
+    how = {
+        "model": "fmnist-vit",
+        "data": "fmnist",
+        "objective": "mean KL(full || reduced) of class distributions",
+    }
+    result, config = results(found, rows, [], arguments, {**how, "seconds": seconds}, "accuracy")
+    config.update(extra)
+    return result, config

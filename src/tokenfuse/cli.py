@@ -79,18 +79,22 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     c = sub.add_parser("calibrate", help="fit a reduction configuration to a budget on a few inputs")
-    c.add_argument("--model", default="minilm", help="'minilm' (packaged), a local folder or a hub id")
-    c.add_argument("--data", default="bbc", help="bbc (BBC News)")
+    c.add_argument(
+        "--model", default="minilm", help="'minilm' (packaged), a local folder, a hub id, or fmnist-vit"
+    )
+    c.add_argument("--data", help="bbc (BBC News, for text models) or fmnist (for fmnist-vit)")
+    c.add_argument("--data-path", help="folder of the Fashion-MNIST IDX files, if not the Debian one")
     budget = c.add_mutually_exclusive_group(required=True)
     budget.add_argument("--keep", type=float, help="work fraction in (0, 1], as in bench")
     budget.add_argument("--speedup", type=float, help="measured speedup over the full model")
-    c.add_argument("--calib-size", type=int, default=64, help="calibration documents per set")
+    c.add_argument("--calib-size", type=int, default=64, help="calibration inputs per set")
     c.add_argument("--method", help="search this method only (default: tome, mctf, transforming, pitome)")
     c.add_argument("--time-limit", type=float, default=180, help="seconds of search per calibration set")
     c.add_argument("--repeats", type=int, default=1, help="disjoint calibration sets, for the spread")
-    c.add_argument("--holdout", type=int, default=400, help="held-out documents for the evaluation")
+    c.add_argument("--holdout", type=int, help="held-out inputs for the evaluation (400 texts, 500 images)")
+    c.add_argument("--fit-temperature", action="store_true", help="classifiers: fit a temperature too")
     c.add_argument("--max-length", type=int, default=512)
-    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--batch-size", type=int)
     c.add_argument("--eval-repeats", type=int, default=3, help="interleaved timing rounds of the evaluation")
     c.add_argument("--out", type=Path, default=Path("calibrated.json"), help="where the configuration goes")
     c.add_argument("--json", type=Path, help="also write the evaluation as JSON to this path")
@@ -159,9 +163,9 @@ def bench_tables(results: dict[str, Any]) -> list[Table]:
     if args.get("task") == "calibrate":
         title = (
             f"tokenfuse calibrate: {args['model']}, keep {args['keep']:.3g}, {args['calib_size']} "
-            f"calibration documents, {args['holdout']} held-out, max length {args['max_length']}"
+            f"calibration inputs, {args['holdout']} held-out"
         )
-        caption = CAPTION.format(repeats=args["eval_repeats"]) + "; cosine: held-out embeddings vs full"
+        caption = CAPTION.format(repeats=args["eval_repeats"]) + "; quality measured on held-out inputs"
         return [table(title, caption, results["rows"])]
     caption = CAPTION.format(repeats=args["repeats"])
     if args.get("task") != "vision":
@@ -253,28 +257,47 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
     from . import calibrate
 
-    if args.data != "bbc":
-        raise ValueError(f"calibrate runs on: bbc (got {args.data!r})")
-    results, config = calibrate.run_text(
-        model_name=args.model,
+    common = dict(
         keep=args.keep,
         speedup=args.speedup,
         calib_size=args.calib_size,
         methods=_names(args.method) or calibrate.METHODS,
         time_limit=args.time_limit,
         repeats=args.repeats,
-        holdout=args.holdout,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
         eval_repeats=args.eval_repeats,
         progress=not args.no_progress,
     )
+    if args.model == "fmnist-vit" or args.data == "fmnist":
+        if args.data not in (None, "fmnist") or args.model not in ("minilm", "fmnist-vit"):
+            raise ValueError("the classifier calibration runs fmnist-vit on fmnist")
+        results, config = calibrate.run_classifier(
+            holdout=args.holdout or 500,
+            fit_temp=args.fit_temperature,
+            batch_size=args.batch_size,
+            data_path=args.data_path,
+            **common,
+        )
+    else:
+        if args.data not in (None, "bbc"):
+            raise ValueError(f"text calibration runs on: bbc (got {args.data!r})")
+        if args.fit_temperature:
+            raise ValueError(
+                "--fit-temperature is for classifiers (fmnist-vit); text encoders have no logits"
+            )
+        results, config = calibrate.run_text(
+            model_name=args.model,
+            holdout=args.holdout or 400,
+            max_length=args.max_length,
+            batch_size=args.batch_size or 16,
+            **common,
+        )
     args.out.write_text(json.dumps(config, indent=2))
     found = config["found"]
     err.print(
         f"configuration written to {args.out}: {config['method']}, schedule {found['shape']}, options "
         f"{config['options'] or 'default'}; calibration cosine {found['calibration_score']:.4f} "
         f"(constant schedule: {found['constant_score'] or float('nan'):.4f})"
+        + (f"; temperature {config['temperature']:.3f}" if "temperature" in config else "")
     )
     spread = results["meta"]["spread"]
     if len(spread["heldout"]) > 1:
