@@ -76,10 +76,7 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction) -> tuple[Tensor, Tokens]:
     """
     B, N, C = x.shape
     K = red.dest.shape[-1]
-    # Padding never moves into a real token. Shares and feature weights below 1e-12 carry nothing
-    # measurable, and left in they make denormal floats, whose arithmetic is ~100x slower on CPUs.
-    weight = red.weight * tokens.mask[..., None]
-    weight = weight.masked_fill(weight < 1e-12, 0.0)
+    weight = red.weight * tokens.mask[..., None]  # padding never moves into a real token
     dest = red.dest.masked_fill(weight <= 0, -1)
     _check_protected(tokens, dest, weight)
 
@@ -99,7 +96,7 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction) -> tuple[Tensor, Tokens]:
 
     mass = weight * tokens.size[..., None]
     size = sum_into(mass).view(B, new_n)
-    fmass = mass if red.feature_weight is None else mass * red.feature_weight.clamp_min(1e-12)[..., None]
+    fmass = mass if red.feature_weight is None else mass * red.feature_weight[..., None]
     fmass = fmass.to(x.dtype)
     values = x[:, :, None, :] * fmass[..., None] if K > 1 else x * fmass
     out = sum_into(values).view(B, new_n, C)
