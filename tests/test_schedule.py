@@ -61,3 +61,18 @@ def test_power_front_loaded_removes_early_and_back_loaded_late():
     assert schedule.power(1.0, 6, 0.5) == [1.0] * 7
     with pytest.raises(ValueError, match="below what"):
         schedule.power(0.2, 6, 2.0)
+
+
+def test_nudge_moves_one_point_and_keeps_the_budget():
+    s = schedule.power(0.5, 6, 0.3, first=1)
+    for point in range(1, 7):
+        for factor in (1.2, 0.8):
+            moved = schedule.nudge(s, point, factor)
+            if moved is None:
+                continue
+            assert moved[0] == 1.0  # a whole point stays whole
+            assert schedule.work(moved) == pytest.approx(0.5, abs=1e-6)
+            assert all(b <= a for a, b in pairwise(moved))
+    up = schedule.nudge(s, 2, 1.1)
+    assert up[2] > s[2] and up[-1] < s[-1]
+    assert schedule.nudge(s, 0, 1.1) is None

@@ -8,7 +8,8 @@ stops at a time limit. Schedules come from one family (`schedule.power`): from f
 tokens go early, where attention is widest) to back-loaded, always at the same work. Stages:
   1. every candidate method with its constant schedule and with each shape of the family;
   2. the best method's options (proportional attention off; ToMe's similarity on keys);
-  3. a finer shape search between the best shape's neighbours, while time remains.
+  3. a finer shape search between the best shape's neighbours;
+  4. while time remains, single points moved up or down, the others making up the budget.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ class Candidate:
     schedule: tuple[float, ...]
     options: dict[str, Any] = field(default_factory=dict)
     gamma: float | None = None  # the power family's shape; None for the method's constant schedule
+    nudged: int = 0  # points moved by the refinement stage
 
     @property
     def shape(self) -> str:
-        return "constant" if self.gamma is None else f"power {self.gamma:.3g}"
+        shape = "constant" if self.gamma is None else f"power {self.gamma:.3g}"
+        return shape + (f", {self.nudged} points refined" if self.nudged else "")
 
     def apply_options(self) -> dict[str, Any]:
         return {**self.options, "schedule": list(self.schedule)}
@@ -115,6 +118,17 @@ def search(
         step, top = math.sqrt(step), best()
         for gamma in (top.gamma / step, top.gamma * step):
             trial(shaped(top.method, keep, num_layers, gamma, top.options))
+    factor = 1.2  # stage 4: move single points, the others making up the budget, while time remains
+    while factor > 1.02 and time.monotonic() < deadline:
+        start = best()
+        for point in range(len(start.schedule)):
+            for f in (factor, 1 / factor):
+                top = best()
+                moved = sched.nudge(top.schedule, point, f)
+                if moved is not None:
+                    trial(dataclasses.replace(top, schedule=tuple(moved), nudged=top.nudged + 1))
+        if best() == start:
+            factor = math.sqrt(factor)
     return sorted(trials, key=lambda t: -t.score)
 
 

@@ -85,3 +85,30 @@ def power(keep: float, num_layers: int, gamma: float, first: int = 0) -> list[fl
         end = (lo + hi) / 2
         lo, hi = (end, hi) if work(shape(end)) < keep else (lo, end)
     return shape(lo)
+
+
+def nudge(schedule: Sequence[float], point: int, factor: float) -> list[float] | None:
+    """The schedule with one point's share of tokens scaled by `factor`, and the other reduced points
+    rescaled together so that the work stays the same (kept non-increasing); None if that cannot be.
+    Points left whole (1.0) stay whole: a method may be unable to reduce there."""
+    keep = work(schedule)
+    free = [i for i, f in enumerate(schedule) if f < 1.0 and i != point]
+    if schedule[point] >= 1.0 or not free:
+        return None
+
+    def shape(c: float) -> list[float]:
+        out, prev = [], 1.0
+        for i, f in enumerate(schedule):
+            f = f * factor if i == point else f * c if i in free else f
+            prev = min(prev, f, 1.0)
+            out.append(prev)
+        return out
+
+    lo, hi = 0.0, 1.0 / min(schedule[i] for i in free)
+    if not work(shape(lo)) <= keep <= work(shape(hi)):
+        return None
+    for _ in range(50):
+        c = (lo + hi) / 2
+        lo, hi = (c, hi) if work(shape(c)) < keep else (lo, c)
+    out = shape(lo)
+    return out if out[-1] > 0 and abs(work(out) - keep) < 1e-6 else None
