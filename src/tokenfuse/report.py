@@ -66,13 +66,16 @@ def load(path: Path) -> Run:
 
 
 def curve_name(row: dict[str, Any]) -> str:
-    """The curve a row belongs to: its method (calibrate rows call it "name"), with any options,
-    so that runs of one method with different options stay apart."""
-    name = str(row["method"] if "method" in row else row["name"])
-    options = row.get("options") or {}
+    """The curve a row belongs to: its name where it has its own (calibrate's "calibrated",
+    "constant"; bench's "config"), else its method with any options, so that runs of one method with
+    different options stay apart (a schedule shows as "custom": it names no point of a curve)."""
+    method = row.get("method")
+    if method is None or row.get("name", method) != method:
+        return str(row["name"])
+    options = {k: "custom" if k == "schedule" else v for k, v in (row.get("options") or {}).items()}
     if options:
-        name += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
-    return name
+        method += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
+    return str(method)
 
 
 def group(runs: list[Run]) -> dict[str, list[Entry]]:
@@ -144,7 +147,7 @@ def draw(ax, model: str, entries: list[Entry]) -> None:
     ax.grid(alpha=0.3)
     ax.margins(x=0.1, y=0.08)  # room for the labels at the ends
     if curves:
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
 
 
 def figure(groups: dict[str, list[Entry]]):
@@ -152,7 +155,7 @@ def figure(groups: dict[str, list[Entry]]):
     _, Figure, FigureCanvasAgg = _matplotlib()
     cols = min(len(groups), 3)
     rows = math.ceil(len(groups) / cols)
-    fig = Figure(figsize=(6.4 * cols, 4.6 * rows), layout="constrained")
+    fig = Figure(figsize=(8.2 * cols, 4.6 * rows), layout="constrained")
     FigureCanvasAgg(fig)  # explicit: no display here, and no global pyplot state
     axes = list(fig.subplots(rows, cols, squeeze=False).flat)
     for ax, (model, entries) in zip(axes, groups.items(), strict=False):
