@@ -2,13 +2,15 @@
 and apply, the command runs end to end on held-out documents."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import MODELS
 
 import tokenfuse
-from tokenfuse import calibrate, cli
+from tokenfuse import calibrate, cli, fmnist, metrics
 from tokenfuse import schedule as sched
 
 
@@ -107,3 +109,50 @@ def test_calibrate_errors_name_the_fix(capsys):
     assert "lower --calib-size" in capsys.readouterr().err
     assert cli.main(["calibrate", "--speedup", "0.5"]) == 2
     assert "above 1" in capsys.readouterr().err
+
+
+def test_fit_temperature_undoes_overconfidence():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 2000)
+    logits = rng.normal(size=(2000, 5))
+    logits[np.arange(2000), labels] += 1.0  # a calibrated model's logits...
+    log_probs = 3.0 * logits  # ...made overconfident by a factor of 3
+    t = calibrate.fit_temperature(log_probs, labels)
+    assert 2.5 < t < 3.5
+    probs = torch.softmax(torch.tensor(log_probs / t), -1).numpy()
+    sharp = torch.softmax(torch.tensor(log_probs), -1).numpy()
+    assert metrics.nll(probs, labels) < metrics.nll(sharp, labels)
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+def test_classifier_calibration_fits_a_temperature_that_apply_uses(tmp_path):
+    out, results = tmp_path / "config.json", tmp_path / "results.json"
+    args = ["calibrate", "--model", "fmnist-vit", "--keep", "0.5", "--fit-temperature", "--calib-size", "32"]
+    args += [
+        "--holdout",
+        "64",
+        "--time-limit",
+        "2",
+        "--eval-repeats",
+        "1",
+        "--method",
+        "tome",
+        "--no-progress",
+    ]
+    assert cli.main([*args, "--out", str(out), "--json", str(results)]) == 0
+    config = json.loads(out.read_text())
+    assert config["temperature"] > 0 and config["found"]["calibration_inputs"] == [64, 96]
+    rows = {r["name"]: r for r in json.loads(results.read_text())["rows"]}
+    assert set(rows) == {"full", "calibrated", "calibrated + temperature", "constant", "resize"}
+    plain, scaled = rows["calibrated"], rows["calibrated + temperature"]
+    assert plain["accuracy"] == scaled["accuracy"] and {"ece", "nll"} <= set(scaled)
+    model = fmnist.load_classifier()
+    pixels = fmnist.to_pixels(fmnist.load("test", limit=4)[0])
+    with torch.inference_mode():
+        tokenfuse.apply(model, config=out)
+        with_t = model(pixel_values=pixels).logits
+        tokenfuse.apply(model, config={**config, "temperature": 1.0})
+        without = model(pixel_values=pixels).logits
+    assert torch.allclose(with_t * config["temperature"], without, atol=1e-5)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -258,7 +259,7 @@ def results(
         "speedup_measured_on_calibration": first.measured,
     }
     config = config_record(best, first.keep, how)
-    calibrated = [r[quality] for r in rows if r["name"].startswith("calibrated")]
+    calibrated = [r[quality] for r in rows if re.fullmatch(r"calibrated( \d+)?", r["name"])]
     meta = {
         **environment(),
         "arguments": {"task": "calibrate", **arguments, "keep": first.keep},

@@ -295,8 +295,8 @@ def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
     found = config["found"]
     err.print(
         f"configuration written to {args.out}: {config['method']}, schedule {found['shape']}, options "
-        f"{config['options'] or 'default'}; calibration cosine {found['calibration_score']:.4f} "
-        f"(constant schedule: {found['constant_score'] or float('nan'):.4f})"
+        f"{config['options'] or 'default'}; {found['objective']} on the calibration set "
+        f"{found['calibration_score']:.4f} (constant schedule: {found['constant_score'] or float('nan'):.4f})"
         + (f"; temperature {config['temperature']:.3f}" if "temperature" in config else "")
     )
     spread = results["meta"]["spread"]
