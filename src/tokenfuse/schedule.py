@@ -10,7 +10,7 @@ unreduced model; `keep` is that work averaged over layers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 
 
@@ -41,6 +41,16 @@ def check_schedule(schedule: Sequence[float], num_layers: int) -> list[float]:
     return schedule
 
 
+def bracket(
+    work_of: Callable[[float], float], keep: float, lo: float, hi: float, steps: int = 60
+) -> tuple[float, float]:
+    """Bisection on a schedule's parameter, whose work rises with it: the bracket around `keep`."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if work_of(mid) < keep else (lo, mid)
+    return lo, hi
+
+
 def geometric(keep: float, num_layers: int, at_embeddings: bool = True) -> list[float]:
     """Each reduction point keeps the same fraction q of its tokens, q chosen so the work is `keep`.
 
@@ -58,10 +68,7 @@ def geometric(keep: float, num_layers: int, at_embeddings: bool = True) -> list[
 
     if keep <= work(shape(0.0)):
         raise ValueError(f"keep {keep} is below what this method can reach on {num_layers} layers")
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        q = (lo + hi) / 2
-        lo, hi = (q, hi) if work(shape(q)) < keep else (lo, q)
+    _, hi = bracket(lambda q: work(shape(q)), keep, 0.0, 1.0)
     return shape(hi)
 
 
@@ -80,10 +87,7 @@ def power(keep: float, num_layers: int, gamma: float, first: int = 0) -> list[fl
         return [1.0] * (num_layers + 1)
     if keep <= work(shape(0.0)):
         raise ValueError(f"keep {keep} is below what this schedule shape can reach on {num_layers} layers")
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        end = (lo + hi) / 2
-        lo, hi = (end, hi) if work(shape(end)) < keep else (lo, end)
+    lo, _ = bracket(lambda end: work(shape(end)), keep, 0.0, 1.0)
     return shape(lo)
 
 
@@ -107,8 +111,6 @@ def nudge(schedule: Sequence[float], point: int, factor: float) -> list[float] |
     lo, hi = 0.0, 1.0 / min(schedule[i] for i in free)
     if not work(shape(lo)) <= keep <= work(shape(hi)):
         return None
-    for _ in range(50):
-        c = (lo + hi) / 2
-        lo, hi = (c, hi) if work(shape(c)) < keep else (lo, c)
+    lo, _ = bracket(lambda c: work(shape(c)), keep, lo, hi, steps=50)
     out = shape(lo)
     return out if out[-1] > 0 and abs(work(out) - keep) < 1e-6 else None
