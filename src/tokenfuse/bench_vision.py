@@ -161,7 +161,7 @@ def run_pass(subject: Subject, config: Config, count: int, dense: bool) -> Pass:
             outputs.setdefault(key, []).append(value)
         patch = patch_of(model)
         if patch is not None:
-            tokens.append(torch.stack([torch.stack(pair) for pair in patch.trace]).permute(2, 0, 1).numpy())
+            tokens.append(patch.layer_tokens().permute(2, 0, 1).numpy())
         else:
             n = (pixels.shape[-1] // subject.patch) ** 2 + subject.prefix
             batch = len(pixels[i : i + subject.batch_size])
@@ -228,19 +228,16 @@ def bench_subject(subject: Subject, configs: list[Config], repeats: int, bar) ->
     full_time = statistics.median(p.seconds for p in timings[0])
     config = subject.model.config
     hidden, inter = config.hidden_size, metrics.mlp_width(config)
-    full = None
+    full = full_flops = None
     rows = []
     for i, config in enumerate(configs):
         bar.update(task, description=f"{subject.name} quality: {config.label}")
         quality = run_pass(subject, config, count, dense=True)
         bar.advance(task)
-        if full is None:
-            full = quality
         lt = quality.layer_tokens
         flops = metrics.encoder_flops(lt[..., 0], lt[..., 1], hidden, inter)
-        full_flops = metrics.encoder_flops(
-            full.layer_tokens[..., 0], full.layer_tokens[..., 1], hidden, inter
-        )
+        if full is None:  # the first configuration is the full model
+            full, full_flops = quality, flops
         seconds = statistics.median(p.seconds for p in timings[i])
         rows.append(
             {

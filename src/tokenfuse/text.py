@@ -122,7 +122,7 @@ def encode_batches(
                 size, layer_tokens = mask, mask.sum(-1).expand(num_layers, 2, -1)
             else:
                 size = patch.tokens.size
-                layer_tokens = torch.stack([torch.stack(pair) for pair in patch.trace])
+                layer_tokens = patch.layer_tokens()
             emb = hidden[:, 0] if pooling == "cls" else pool_mean(hidden, size)
             yield Batch(index=index, embedding=emb.float(), layer_tokens=layer_tokens)
 

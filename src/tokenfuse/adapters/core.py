@@ -63,6 +63,10 @@ class Patch:
             return None
         return attention_bias(self.tokens, dtype, self.method.prop_attn)
 
+    def layer_tokens(self) -> Tensor:
+        """(L, 2, B) the last forward's trace: tokens entering each layer and after its reduction."""
+        return torch.stack([torch.stack(pair) for pair in self.trace])
+
     def keeper(self, name: str):
         """Forward hook on a projection: keep its per-head output as q, k or v ("qkv": fused)."""
 
