@@ -10,6 +10,10 @@ tokens go early, where attention is widest) to back-loaded, always at the same w
   2. the best method's options (proportional attention off; ToMe's similarity on keys);
   3. a finer shape search between the best shape's neighbours;
   4. while time remains, single points moved up or down, the others making up the budget.
+A later method, and every change of stages 2-4, replaces the choice only for a gain larger than
+its standard error over the calibration inputs: without that guard, the search fitted the noise of
+a small set (a method or a moved point winning by a fraction of its standard error) and lost on
+held-out inputs (README, calibration).
 """
 
 from __future__ import annotations
@@ -36,9 +40,15 @@ from .methods import Method, available
 from .progress import progress_bar
 from .text import embed
 
-METHODS = ("tome", "mctf", "transforming", "pitome")  # the merging methods that lead the bench
+METHODS = (
+    "tome",
+    "mctf",
+    "transforming",
+    "pitome",
+)  # the bench's leading merging methods, ToMe (cheapest) first
 SHAPES = (0.05, 0.15, 0.3, 0.5, 1.0, 2.0)  # gamma of schedule.power: front- to back-loaded
 OPTIONS = {"tome": ({"similarity": "keys"},)}  # method-specific variants tried in stage 2
+Z = 1.0  # standard errors by which a change must beat the choice (Trial.beats)
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,17 @@ class Candidate:
 @dataclass
 class Trial:
     candidate: Candidate
-    score: float
+    scores: np.ndarray  # one per calibration input, higher for closer to the full model
+
+    @property
+    def score(self) -> float:
+        return float(self.scores.mean())
+
+    def beats(self, other: Trial, z: float) -> bool:
+        """Better than `other` by more than z standard errors of the paired per-input differences:
+        a move the calibration set supports, not one that fits its noise."""
+        d = self.scores - other.scores
+        return len(d) > 1 and d.mean() > z * d.std(ddof=1) / math.sqrt(len(d))
 
 
 def constant(method: str, keep: float, num_layers: int, options=None) -> Candidate:
@@ -82,55 +102,67 @@ def shaped(method: str, keep: float, num_layers: int, gamma: float, options=None
 
 
 def search(
-    score: Callable[[Candidate], float],
+    score: Callable[[Candidate], np.ndarray],
     keep: float,
     num_layers: int,
     methods: Sequence[str] = METHODS,
     time_limit: float = 180.0,
     progress: Callable[[str], None] = lambda _: None,
+    z: float = Z,
 ) -> list[Trial]:
-    """Every trial made, best first. `score` is higher for closer to the full model."""
+    """Every trial made: the chosen one first, then the others best first. `score` gives one value
+    per calibration input, higher for closer to the full model. Each method's best shape replaces
+    the choice so far (the first method's) only if it `beats` it, and so does each later stage's
+    trial, so that on a few inputs the choice stops where the evidence does."""
     deadline = time.monotonic() + time_limit
     trials: list[Trial] = []
 
-    def trial(candidate: Candidate | None) -> None:
+    def trial(candidate: Candidate | None) -> Trial | None:
         late = trials and time.monotonic() > deadline  # the first trial always runs
         if candidate is None or late or any(t.candidate == candidate for t in trials):
-            return
+            return None
         progress(f"{candidate.method}, {candidate.shape} {candidate.options or ''}")
-        trials.append(Trial(candidate, score(candidate)))
+        trials.append(Trial(candidate, np.asarray(score(candidate), dtype=np.float64)))
+        return trials[-1]
 
-    def best() -> Candidate:
-        return max(trials, key=lambda t: t.score).candidate
+    def consider(candidate: Candidate | None) -> None:
+        nonlocal chosen
+        new = trial(candidate)
+        if new is not None and new.beats(chosen, z):
+            chosen = new
 
+    chosen: Trial | None = None
     for method in methods:  # stage 1
         trial(constant(method, keep, num_layers))
         for gamma in SHAPES:
             trial(shaped(method, keep, num_layers, gamma))
-    top = best()  # stage 2: the same shape with other options (which may move its first point)
+        own = max((t for t in trials if t.candidate.method == method), key=lambda t: t.score, default=None)
+        if chosen is None or (own is not None and own.beats(chosen, z)):
+            chosen = own
+    top = chosen.candidate  # stage 2: the same shape with other options (which may move its first point)
     for options in ({"prop_attn": False}, *OPTIONS.get(top.method, ())):
         options = {**top.options, **options}
         if top.gamma is None:
-            trial(constant(top.method, keep, num_layers, options))
+            consider(constant(top.method, keep, num_layers, options))
         else:
-            trial(shaped(top.method, keep, num_layers, top.gamma, options))
-    step = 2.0  # stage 3: halve the step of the shape, in log gamma, around the best
-    while best().gamma is not None and step > 1.1 and time.monotonic() < deadline:
-        step, top = math.sqrt(step), best()
+            consider(shaped(top.method, keep, num_layers, top.gamma, options))
+    step = 2.0  # stage 3: halve the step of the shape, in log gamma, around the choice
+    while chosen.candidate.gamma is not None and step > 1.1 and time.monotonic() < deadline:
+        step, top = math.sqrt(step), chosen.candidate
         for gamma in (top.gamma / step, top.gamma * step):
-            trial(shaped(top.method, keep, num_layers, gamma, top.options))
+            consider(shaped(top.method, keep, num_layers, gamma, top.options))
     factor = 1.2  # stage 4: move single points, the others making up the budget, while time remains
     while factor > 1.02 and time.monotonic() < deadline:
-        start = best()
-        for point in range(len(start.schedule)):
+        start = chosen
+        for point in range(len(start.candidate.schedule)):
             for f in (factor, 1 / factor):
-                top = best()
+                top = chosen.candidate
                 moved = sched.nudge(top.schedule, point, f)
                 if moved is not None:
-                    trial(dataclasses.replace(top, schedule=tuple(moved), nudged=top.nudged + 1))
-        if best() == start:
+                    consider(dataclasses.replace(top, schedule=tuple(moved), nudged=top.nudged + 1))
+        if chosen is start:
             factor = math.sqrt(factor)
-    return sorted(trials, key=lambda t: -t.score)
+    return [chosen, *sorted((t for t in trials if t is not chosen), key=lambda t: -t.score)]
 
 
 def config_record(best: Trial, keep: float, how: dict[str, Any]) -> dict[str, Any]:
@@ -166,8 +198,9 @@ def load_config(config: str | Path | dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Found:
-    """The outcome of calibrating on one set: trials best first, the keep searched at (corrected
-    for a speedup budget), the speedups measured on the way, and where the set starts."""
+    """The outcome of calibrating on one set: trials as `search` orders them (the chosen first),
+    the keep searched at (corrected for a speedup budget), the speedups measured on the way, and
+    where the set starts."""
 
     trials: list[Trial]
     keep: float
@@ -179,28 +212,64 @@ class Found:
         return self.trials[0].candidate
 
 
-def check_budget(keep: float | None, speedup: float | None, methods: Sequence[str], sets: int) -> float:
-    if (keep is None) == (speedup is None):
-        raise ValueError("give the budget as either --keep (work fraction) or --speedup (measured), not both")
-    if speedup is not None and speedup <= 1:
-        raise ValueError(f"speedup must be above 1, got {speedup}")
-    unknown = [m for m in methods if m not in available()]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(available())}")
-    if sets < 1:
-        raise ValueError("calib-size and repeats must be at least 1")
-    return sched.check_keep(1 / speedup if keep is None else keep)
+@dataclass
+class Settings:
+    """What a calibration run is asked for, recorded with its results. `holdout` and `batch_size`
+    default per task (400 texts at batch 16; 500 images at the classifier's batch)."""
+
+    keep: float | None = None
+    speedup: float | None = None
+    calib_size: int = 64
+    methods: Sequence[str] = METHODS
+    time_limit: float = 180.0
+    repeats: int = 1
+    holdout: int | None = None
+    batch_size: int | None = None
+    eval_repeats: int = 3
+    model: str = "minilm"
+    max_length: int = 512  # text only
+    fit_temperature: bool = False  # classifiers only
+    data_path: str | None = None  # classifiers only: the Fashion-MNIST folder
+    progress: bool = True
+
+    def budget(self) -> float:
+        """The work fraction to search at first, once what was asked is checked."""
+        if (self.keep is None) == (self.speedup is None):
+            raise ValueError(
+                "give the budget as either --keep (work fraction) or --speedup (measured), not both"
+            )
+        if self.speedup is not None and self.speedup <= 1:
+            raise ValueError(f"speedup must be above 1, got {self.speedup}")
+        unknown = [m for m in self.methods if m not in available()]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(available())}")
+        if self.calib_size < 1 or self.repeats < 1:
+            raise ValueError("calib-size and repeats must be at least 1")
+        return sched.check_keep(1 / self.speedup if self.keep is None else self.keep)
+
+    def starts(self, available: int, what: str) -> list[int]:
+        """Where each calibration set begins: after the held-out inputs, disjoint."""
+        if self.holdout + self.calib_size * self.repeats > available:
+            raise ValueError(
+                f"{self.holdout} held-out plus {self.repeats} x {self.calib_size} calibration {what} exceed "
+                f"the {available} available; lower --calib-size, --repeats or --holdout"
+            )
+        return [self.holdout + r * self.calib_size for r in range(self.repeats)]
+
+    def record(self, data: str) -> dict[str, Any]:
+        """The arguments as the results' meta holds them: what applies to this task only."""
+        other = "max_length" if self.model == "fmnist-vit" else "fit_temperature"
+        record = dataclasses.asdict(self)
+        for key in ("progress", "data_path", other):
+            del record[key]
+        return {**record, "data": data, "methods": list(self.methods)}
 
 
 def calibrate_sets(
     model,
-    objective: Callable[[int], tuple[Callable[[Candidate], float], Callable[[], Any]]],
+    objective: Callable[[int], tuple[Callable[[Candidate], np.ndarray], Callable[[], Any]]],
+    settings: Settings,
     starts: list[int],
-    keep: float,
-    speedup: float | None,
-    methods: Sequence[str],
-    time_limit: float,
-    progress: bool,
 ) -> list[Found]:
     """Search on each calibration set. objective(first) gives, for the set starting at `first`, its
     score function and a function running the full-size model on it (for timing a speedup budget).
@@ -210,8 +279,9 @@ def calibrate_sets(
     second search; each gets half the time.
     """
     num_layers = model.config.num_hidden_layers
+    speedup, rounds = settings.speedup, 1 if settings.speedup is None else 2
     found = []
-    with progress_bar(progress) as bar:
+    with progress_bar(settings.progress) as bar:
         for r, first in enumerate(starts):
             task = bar.add_task(f"calibration set {r + 1}/{len(starts)}", total=None)
 
@@ -219,13 +289,11 @@ def calibrate_sets(
                 bar.update(task, description=f"calibration set {r + 1}/{len(starts)}: {what}")
 
             score, run = objective(first)
-            k, measured = keep, []
-            for _ in range(1 if speedup is None else 2):
+            k, measured = settings.budget(), []
+            for _ in range(rounds):
                 if measured:
                     k = sched.check_keep(min(1.0, k * measured[-1] / speedup))
-                trials = search(
-                    score, k, num_layers, methods, time_limit / (1 if speedup is None else 2), say
-                )
+                trials = search(score, k, num_layers, settings.methods, settings.time_limit / rounds, say)
                 if speedup is not None:
                     measured.append(timed_speedup(model, trials[0].candidate, run))
             remove(model)
@@ -239,7 +307,8 @@ def results(
     rows: list[dict[str, Any]],
     notes: list[str],
     arguments: dict[str, Any],
-    how: dict[str, Any],
+    objective: str,
+    seconds: float,
     quality: str,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The evaluation results and the configuration of the first set, with the spread of held-out
@@ -249,7 +318,10 @@ def results(
     num_layers = len(best.candidate.schedule) - 1
     baseline = constant(best.candidate.method, first.keep, num_layers)
     how = {
-        **how,
+        "model": arguments["model"],
+        "data": arguments["data"],
+        "objective": objective,
+        "seconds": seconds,
         "calib_size": arguments["calib_size"],
         "calibration_inputs": [first.first, first.first + arguments["calib_size"]],
         "constant_score": next((t.score for t in first.trials if t.candidate == baseline), None),
@@ -270,7 +342,7 @@ def results(
             "range": max(calibrated) - min(calibrated),
             "configs": [{"method": f.best.method, "shape": f.best.shape, "keep": f.keep} for f in found],
         },
-        "top_trials": [
+        "top_trials": [  # the chosen one first, then the best means
             {
                 "method": t.candidate.method,
                 "shape": t.candidate.shape,
@@ -300,71 +372,41 @@ def calibrated_configs(found: list[Found], baselines: Sequence[str], **extra: An
     ]
 
 
-def run_text(
-    model_name: str = "minilm",
-    keep: float | None = None,
-    speedup: float | None = None,
-    calib_size: int = 64,
-    methods: Sequence[str] = METHODS,
-    time_limit: float = 180.0,
-    repeats: int = 1,
-    holdout: int = 400,
-    max_length: int = 512,
-    batch_size: int = 16,
-    eval_repeats: int = 3,
-    progress: bool = True,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_text(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     """Calibrate an encoder on BBC News (objective: mean embedding cosine to the full model) and
     evaluate on held-out documents: (results, config). The held-out set is the bench's, the first
     `holdout` documents of the fixed shuffled order; the calibration sets follow it, disjoint."""
-    keep = check_budget(keep, speedup, methods, calib_size * repeats)
+    s = dataclasses.replace(settings, holdout=settings.holdout or 400, batch_size=settings.batch_size or 16)
+    s.budget()
     docs = data.bbc_news()
-    if holdout + calib_size * repeats > len(docs.texts):
-        raise ValueError(
-            f"{holdout} held-out plus {repeats} x {calib_size} calibration documents exceed the "
-            f"{len(docs.texts)} of BBC News; lower --calib-size, --repeats or --holdout"
-        )
-    model, tokenizer = data.load_text_model(model_name)
+    starts = s.starts(len(docs.texts), "documents")
+    model, tokenizer = data.load_text_model(s.model)
 
     def objective(first: int):
-        texts = docs.texts[first : first + calib_size]
+        texts = docs.texts[first : first + s.calib_size]
 
         def run():
-            return embed(model, tokenizer, texts, batch_size, max_length, progress=False)
+            return embed(model, tokenizer, texts, s.batch_size, s.max_length, progress=False)
 
         remove(model)
         full = run()
 
         def score(candidate: Candidate) -> float:
             apply(model, candidate.method, **candidate.apply_options())
-            return float(torch.nn.functional.cosine_similarity(run(), full).mean())
+            return torch.nn.functional.cosine_similarity(run(), full).numpy()
 
         return score, run
 
     start = time.monotonic()
-    starts = [holdout + r * calib_size for r in range(repeats)]
-    found = calibrate_sets(model, objective, starts, keep, speedup, methods, time_limit, progress)
+    found = calibrate_sets(model, objective, s, starts)
     seconds = time.monotonic() - start
-    held = data.Labelled(docs.texts[:holdout], docs.labels[:holdout], docs.classes)
+    held = data.Labelled(docs.texts[: s.holdout], docs.labels[: s.holdout], docs.classes)
     configs = calibrated_configs(found, ("truncation",))
     rows, notes = measure(
-        model, tokenizer, configs, held, None, batch_size, max_length, eval_repeats, progress
+        model, tokenizer, configs, held, None, s.batch_size, s.max_length, s.eval_repeats, s.progress
     )
-    arguments = {
-        "model": model_name,
-        "data": "bbc",
-        "speedup": speedup,
-        "calib_size": calib_size,
-        "methods": list(methods),
-        "time_limit": time_limit,
-        "repeats": repeats,
-        "holdout": holdout,
-        "max_length": max_length,
-        "batch_size": batch_size,
-        "eval_repeats": eval_repeats,
-    }
-    how = {"model": model_name, "data": "bbc", "objective": "mean embedding cosine to the full model"}
-    return results(found, rows, notes, arguments, {**how, "seconds": seconds}, "cosine")
+    objective = "mean embedding cosine to the full model"
+    return results(found, rows, notes, s.record("bbc"), objective, seconds, "cosine")
 
 
 def timed_speedup(model, candidate: Candidate, run: Callable[[], Any], rounds: int = 3) -> float:
@@ -400,34 +442,18 @@ def fit_temperature(log_probs: np.ndarray, labels: np.ndarray) -> float:
     return math.exp((lo + hi) / 2)
 
 
-def run_classifier(
-    keep: float | None = None,
-    speedup: float | None = None,
-    calib_size: int = 64,
-    methods: Sequence[str] = METHODS,
-    time_limit: float = 180.0,
-    repeats: int = 1,
-    holdout: int = 500,
-    fit_temp: bool = False,
-    batch_size: int | None = None,
-    eval_repeats: int = 3,
-    data_path: str | None = None,
-    progress: bool = True,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     """Calibrate the Fashion-MNIST classifier (objective: mean KL divergence of the reduced model's
     class distribution from the full one's) and evaluate on held-out test images. The held-out set
     is the vision bench's, the first `holdout` test images; the calibration sets follow it. With
-    `fit_temp`, a temperature is fitted on the calibration set's labels and stored in the config."""
+    `fit_temperature`, a temperature is fitted on the calibration set's labels and stored in the config."""
     from . import bench_vision
 
-    keep = check_budget(keep, speedup, methods, calib_size * repeats)
-    subject = bench_vision.classifier(holdout + calib_size * repeats, data_path, batch_size)
-    if len(subject.labels) < holdout + calib_size * repeats:
-        raise ValueError(
-            f"{holdout} held-out plus {repeats} x {calib_size} calibration images exceed the "
-            f"{len(subject.labels)} test images; lower --calib-size, --repeats or --holdout"
-        )
-    model = subject.model
+    s = dataclasses.replace(settings, model="fmnist-vit", holdout=settings.holdout or 500)
+    s.budget()
+    subject = bench_vision.classifier(s.holdout + s.calib_size * s.repeats, s.data_path, s.batch_size)
+    starts = s.starts(len(subject.labels), "images")
+    s.batch_size, model = subject.batch_size, subject.model
 
     def log_probs(pixels) -> np.ndarray:
         with torch.inference_mode():
@@ -439,27 +465,26 @@ def run_classifier(
             )
 
     def objective(first: int):
-        pixels = subject.pixels[first : first + calib_size]
+        pixels = subject.pixels[first : first + s.calib_size]
         remove(model)
         full = log_probs(pixels)
 
         def score(candidate: Candidate) -> float:
             apply(model, candidate.method, **candidate.apply_options())
             reduced = log_probs(pixels)
-            return -float((np.exp(full) * (full - reduced)).sum(1).mean())
+            return -(np.exp(full) * (full - reduced)).sum(1)
 
         return score, lambda: log_probs(pixels)
 
     start = time.monotonic()
-    starts = [holdout + r * calib_size for r in range(repeats)]
-    found = calibrate_sets(model, objective, starts, keep, speedup, methods, time_limit, progress)
+    found = calibrate_sets(model, objective, s, starts)
     extra = {}
-    if fit_temp:
+    if s.fit_temperature:
         first = found[0]
         apply(model, first.best.method, **first.best.apply_options())
-        labels = subject.labels[first.first : first.first + calib_size]
+        calibration = slice(first.first, first.first + s.calib_size)
         extra["temperature"] = fit_temperature(
-            log_probs(subject.pixels[first.first : first.first + calib_size]), labels
+            log_probs(subject.pixels[calibration]), subject.labels[calibration]
         )
         remove(model)
     seconds = time.monotonic() - start
@@ -468,30 +493,15 @@ def run_classifier(
         first = found[0]
         options = {**first.best.apply_options(), **extra}
         configs.insert(2, Config(first.best.method, first.keep, options, name="calibrated + temperature"))
-    held = dataclasses.replace(subject, pixels=subject.pixels[:holdout], labels=subject.labels[:holdout])
-    held.timing = holdout
-    with progress_bar(progress) as bar:
-        rows = bench_vision.bench_subject(held, configs, eval_repeats, bar)
+    held = dataclasses.replace(
+        subject, pixels=subject.pixels[: s.holdout], labels=subject.labels[: s.holdout]
+    )
+    held.timing = s.holdout
+    with progress_bar(s.progress) as bar:
+        rows = bench_vision.bench_subject(held, configs, s.eval_repeats, bar)
     for row, config in zip(rows, configs, strict=True):
         row["name"] = config.title
-    arguments = {
-        "model": "fmnist-vit",
-        "data": "fmnist",
-        "speedup": speedup,
-        "calib_size": calib_size,
-        "methods": list(methods),
-        "time_limit": time_limit,
-        "repeats": repeats,
-        "holdout": holdout,
-        "fit_temperature": fit_temp,
-        "batch_size": subject.batch_size,
-        "eval_repeats": eval_repeats,
-    }
-    how = {
-        "model": "fmnist-vit",
-        "data": "fmnist",
-        "objective": "mean KL(full || reduced) of class distributions",
-    }
-    result, config = results(found, rows, [], arguments, {**how, "seconds": seconds}, "accuracy")
+    objective = "mean KL(full || reduced) of class distributions"
+    result, config = results(found, rows, [], s.record("fmnist"), objective, seconds, "accuracy")
     config.update(extra)
     return result, config

@@ -257,26 +257,26 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
     from . import calibrate
 
-    common = dict(
+    settings = calibrate.Settings(
         keep=args.keep,
         speedup=args.speedup,
         calib_size=args.calib_size,
         methods=_names(args.method) or calibrate.METHODS,
         time_limit=args.time_limit,
         repeats=args.repeats,
+        holdout=args.holdout,
+        batch_size=args.batch_size,
         eval_repeats=args.eval_repeats,
+        model=args.model,
+        max_length=args.max_length,
+        fit_temperature=args.fit_temperature,
+        data_path=args.data_path,
         progress=not args.no_progress,
     )
     if args.model == "fmnist-vit" or args.data == "fmnist":
         if args.data not in (None, "fmnist") or args.model not in ("minilm", "fmnist-vit"):
             raise ValueError("the classifier calibration runs fmnist-vit on fmnist")
-        results, config = calibrate.run_classifier(
-            holdout=args.holdout or 500,
-            fit_temp=args.fit_temperature,
-            batch_size=args.batch_size,
-            data_path=args.data_path,
-            **common,
-        )
+        results, config = calibrate.run_classifier(settings)
     else:
         if args.data not in (None, "bbc"):
             raise ValueError(f"text calibration runs on: bbc (got {args.data!r})")
@@ -284,13 +284,7 @@ def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
             raise ValueError(
                 "--fit-temperature is for classifiers (fmnist-vit); text encoders have no logits"
             )
-        results, config = calibrate.run_text(
-            model_name=args.model,
-            holdout=args.holdout or 400,
-            max_length=args.max_length,
-            batch_size=args.batch_size or 16,
-            **common,
-        )
+        results, config = calibrate.run_text(settings)
     args.out.write_text(json.dumps(config, indent=2))
     found = config["found"]
     err.print(
