@@ -279,7 +279,7 @@ def calibrate_sets(
     second search; each gets half the time.
     """
     num_layers = model.config.num_hidden_layers
-    speedup, rounds = settings.speedup, 1 if settings.speedup is None else 2
+    keep, speedup, rounds = settings.budget(), settings.speedup, 1 if settings.speedup is None else 2
     found = []
     with progress_bar(settings.progress) as bar:
         for r, first in enumerate(starts):
@@ -289,7 +289,7 @@ def calibrate_sets(
                 bar.update(task, description=f"calibration set {r + 1}/{len(starts)}: {what}")
 
             score, run = objective(first)
-            k, measured = settings.budget(), []
+            k, measured = keep, []
             for _ in range(rounds):
                 if measured:
                     k = sched.check_keep(min(1.0, k * measured[-1] / speedup))
@@ -377,7 +377,7 @@ def run_text(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     evaluate on held-out documents: (results, config). The held-out set is the bench's, the first
     `holdout` documents of the fixed shuffled order; the calibration sets follow it, disjoint."""
     s = dataclasses.replace(settings, holdout=settings.holdout or 400, batch_size=settings.batch_size or 16)
-    s.budget()
+    s.budget()  # fail on a bad budget before loading anything
     docs = data.bbc_news()
     starts = s.starts(len(docs.texts), "documents")
     model, tokenizer = data.load_text_model(s.model)
@@ -391,7 +391,7 @@ def run_text(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         remove(model)
         full = run()
 
-        def score(candidate: Candidate) -> float:
+        def score(candidate: Candidate) -> np.ndarray:
             apply(model, candidate.method, **candidate.apply_options())
             return torch.nn.functional.cosine_similarity(run(), full).numpy()
 
@@ -405,8 +405,8 @@ def run_text(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     rows, notes = measure(
         model, tokenizer, configs, held, None, s.batch_size, s.max_length, s.eval_repeats, s.progress
     )
-    objective = "mean embedding cosine to the full model"
-    return results(found, rows, notes, s.record("bbc"), objective, seconds, "cosine")
+    closeness = "mean embedding cosine to the full model"
+    return results(found, rows, notes, s.record("bbc"), closeness, seconds, "cosine")
 
 
 def timed_speedup(model, candidate: Candidate, run: Callable[[], Any], rounds: int = 3) -> float:
@@ -450,7 +450,7 @@ def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     from . import bench_vision
 
     s = dataclasses.replace(settings, model="fmnist-vit", holdout=settings.holdout or 500)
-    s.budget()
+    s.budget()  # fail on a bad budget before loading anything
     subject = bench_vision.classifier(s.holdout + s.calib_size * s.repeats, s.data_path, s.batch_size)
     starts = s.starts(len(subject.labels), "images")
     s.batch_size, model = subject.batch_size, subject.model
@@ -469,7 +469,7 @@ def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         remove(model)
         full = log_probs(pixels)
 
-        def score(candidate: Candidate) -> float:
+        def score(candidate: Candidate) -> np.ndarray:
             apply(model, candidate.method, **candidate.apply_options())
             reduced = log_probs(pixels)
             return -(np.exp(full) * (full - reduced)).sum(1)
@@ -501,7 +501,7 @@ def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         rows = bench_vision.bench_subject(held, configs, s.eval_repeats, bar)
     for row, config in zip(rows, configs, strict=True):
         row["name"] = config.title
-    objective = "mean KL(full || reduced) of class distributions"
-    result, config = results(found, rows, [], s.record("fmnist"), objective, seconds, "accuracy")
+    closeness = "mean KL(full || reduced) of class distributions"
+    result, config = results(found, rows, [], s.record("fmnist"), closeness, seconds, "accuracy")
     config.update(extra)
     return result, config
