@@ -247,18 +247,18 @@ class Settings:
             raise ValueError("calib-size and repeats must be at least 1")
         return sched.check_keep(1 / self.speedup if self.keep is None else self.keep)
 
-    def starts(self, available: int, what: str) -> list[int]:
+    def starts(self, total: int, what: str) -> list[int]:
         """Where each calibration set begins: after the held-out inputs, disjoint."""
-        if self.holdout + self.calib_size * self.repeats > available:
+        if self.holdout + self.calib_size * self.repeats > total:
             raise ValueError(
                 f"{self.holdout} held-out plus {self.repeats} x {self.calib_size} calibration {what} exceed "
-                f"the {available} available; lower --calib-size, --repeats or --holdout"
+                f"the {total} available; lower --calib-size, --repeats or --holdout"
             )
         return [self.holdout + r * self.calib_size for r in range(self.repeats)]
 
     def record(self, data: str) -> dict[str, Any]:
         """The arguments as the results' meta holds them: what applies to this task only."""
-        other = "max_length" if self.model == "fmnist-vit" else "fit_temperature"
+        other = "max_length" if data == "fmnist" else "fit_temperature"
         record = dataclasses.asdict(self)
         for key in ("progress", "data_path", other):
             del record[key]
