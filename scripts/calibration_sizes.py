@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tokenfuse import calibrate
+from tokenfuse.eval import calibrate
 
 
 def summary(out: Path, sizes: list[int], group: int = 3) -> str:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import ViTConfig, ViTForImageClassification
 
-from tokenfuse import fmnist
+from tokenfuse.assets import fmnist
 
 VAL_SIZE = 5000
 

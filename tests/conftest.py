@@ -23,7 +23,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from tokenfuse import data
+from tokenfuse.assets import text as data
 
 ATTN = ("sdpa", "eager")
 

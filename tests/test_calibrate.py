@@ -10,8 +10,10 @@ import torch
 from conftest import MODELS
 
 import tokenfuse
-from tokenfuse import calibrate, cli, fmnist, metrics
-from tokenfuse import schedule as sched
+from tokenfuse import cli
+from tokenfuse.assets import fmnist
+from tokenfuse.core import schedule as sched
+from tokenfuse.eval import calibrate, metrics
 
 
 def test_search_finds_the_preferred_method_shape_and_option():

@@ -10,7 +10,7 @@ import torch
 from conftest import ATTN, MODELS, PREFIX, VISION, images, vision_outputs
 
 import tokenfuse
-from tokenfuse.engine import Reduction
+from tokenfuse.core import Reduction
 from tokenfuse.methods import Method
 
 # every registered method with its defaults, plus option variants that change what is captured

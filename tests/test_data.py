@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from tokenfuse import data
+from tokenfuse.assets import text as data
 
 
 def test_bbc_news_has_five_classes_in_a_fixed_order():

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenfuse.engine import Reduction, Tokens, attention_bias, pool_mean, reduce, unmerge
-from tokenfuse.matching import bipartite_merge
+from tokenfuse.core import Reduction, Tokens, attention_bias, pool_mean, reduce, unmerge
+from tokenfuse.core.matching import bipartite_merge
 
 
 def state(sizes, protected=None, track_source=False):

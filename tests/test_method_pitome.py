@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenfuse.engine import Tokens, reduce
+from tokenfuse.core import Tokens, reduce
 from tokenfuse.methods import LayerInput, make
 from tokenfuse.methods.pitome import depth_margin, energy
 

@@ -1,6 +1,6 @@
 import torch
 
-from tokenfuse.engine import Tokens
+from tokenfuse.core import Tokens
 from tokenfuse.methods import LayerInput, make
 
 

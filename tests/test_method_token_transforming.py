@@ -8,7 +8,7 @@ import torch
 from conftest import MODELS
 
 import tokenfuse
-from tokenfuse.engine import Tokens, reduce
+from tokenfuse.core import Tokens, reduce
 from tokenfuse.methods import LayerInput, make
 
 

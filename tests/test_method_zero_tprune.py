@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tokenfuse.engine import Tokens
+from tokenfuse.core import Tokens
 from tokenfuse.methods import LayerInput, make
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tokenfuse import metrics
+from tokenfuse.eval import metrics
 
 
 def test_spearman_handles_ties_like_the_textbook():

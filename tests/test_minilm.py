@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import tokenfuse
-from tokenfuse import data, metrics
+from tokenfuse.assets import text as data
+from tokenfuse.eval import metrics
 
 DOCS = 32
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenfuse import cli, report
+from tokenfuse import cli
+from tokenfuse.eval import report
 
 DATA = Path(__file__).parent / "data"
 TEXT = DATA / "bench_minilm.json"

@@ -2,7 +2,7 @@ from itertools import pairwise
 
 import pytest
 
-from tokenfuse import schedule
+from tokenfuse.core import schedule
 
 
 @pytest.mark.parametrize("layers", [1, 4, 6, 12])

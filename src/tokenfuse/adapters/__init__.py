@@ -8,7 +8,7 @@ from torch import nn
 
 from ..methods import Method
 from . import hf_text, vision
-from .core import Patch
+from .base import Patch
 
 
 def install(model: nn.Module, method: Method, protect_ids: Sequence[int] = ()) -> Patch:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..methods import Method
-from .core import Patch, check_attention, first, replace_first, with_mask
+from .base import Patch, check_attention, first, replace_first, with_mask
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine import Reduction
+from ..core import Reduction
 from .base import LayerInput, Method
 from .registry import register
 

@@ -8,13 +8,13 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from .. import schedule as sched
-from ..engine import Reduction, Tokens, attention_probs
+from ..core import Reduction, Tokens, attention_probs
+from ..core import schedule as sched
 
 
 @dataclass(frozen=True)
 class LayerInput:
-    """What a method sees at one reduction point (tokenfuse.schedule): after the embeddings
+    """What a method sees at one reduction point (tokenfuse.core.schedule): after the embeddings
     (point 0), or between layer l's attention and its MLP (point l + 1).
 
     x: (B, N, C) hidden states about to be reduced. tokens: their sizes, padding, protected set.

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import Reduction
-from ..matching import ranks
+from ..core import Reduction
+from ..core.matching import ranks
 from .base import LayerInput, Method
 from .registry import register
 

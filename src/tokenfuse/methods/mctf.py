@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine import Reduction, attention_probs
-from ..matching import alternate, bipartite_merge, ranks
+from ..core import Reduction, attention_probs
+from ..core.matching import alternate, bipartite_merge, ranks
 from .base import LayerInput, Method
 from .registry import register
 

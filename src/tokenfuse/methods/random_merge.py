@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..engine import Reduction
-from ..matching import bipartite_merge
+from ..core import Reduction
+from ..core.matching import bipartite_merge
 from .base import LayerInput, Method
 from .registry import register
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine import Reduction
-from ..matching import alternate, bipartite_merge
+from ..core import Reduction
+from ..core.matching import alternate, bipartite_merge
 from .base import LayerInput, Method
 from .registry import register
 

@@ -7,15 +7,15 @@ heads (`similarity="keys"`); on a mean-pooled text encoder (all-MiniLM-L6-v2, BB
 the hidden states the layer is about to pass on match much better (cosine to the full model's
 embeddings 0.936 against 0.728 with keys, `tokenfuse bench` on 400 documents), so they are the
 default. The per-layer schedule keeps a
-constant fraction of tokens instead of merging a constant count (see tokenfuse.schedule).
+constant fraction of tokens instead of merging a constant count (see tokenfuse.core.schedule).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..engine import Reduction
-from ..matching import alternate, bipartite_merge
+from ..core import Reduction
+from ..core.matching import alternate, bipartite_merge
 from .base import LayerInput, Method
 from .registry import register
 

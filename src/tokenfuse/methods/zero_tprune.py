@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine import Reduction
-from ..matching import ranks
+from ..core import Reduction
+from ..core.matching import ranks
 from .base import LayerInput, Method
 from .registry import register
 

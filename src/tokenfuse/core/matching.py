@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .engine import Reduction, Tokens
+from .tokens import Reduction, Tokens
 
 
 def alternate(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tokenfuse.data import MissingAsset
+from .packages import MissingAsset
 
 if TYPE_CHECKING:
     from timm.models import VisionTransformer

@@ -19,11 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, data, metrics
-from .api import apply, patch_of, remove
-from .methods import available
-from .progress import progress_bar
-from .text import encode_batches
+from .. import __version__
+from ..api import apply, patch_of, remove
+from ..api.progress import progress_bar
+from ..api.text import encode_batches
+from ..assets import text as data
+from ..core.config import load_config
+from ..methods import available
+from . import metrics
 
 BASELINES = ("full", "truncation")
 DATASETS = ("bbc", "lp50")
@@ -124,8 +127,6 @@ def run(
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     configs = configs_for(method_names(methods), list(keeps), options or {})
     if config is not None:
-        from .calibrate import load_config
-
         found = load_config(config)
         schedule = {"schedule": found["schedule"]}
         configs.append(

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .data import MissingAsset
+from ..assets.packages import MissingAsset
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -196,7 +196,7 @@ def bench_tables(results: dict[str, Any]) -> list[Table]:
 def methods_table() -> Table:
     import inspect
 
-    from .methods import available
+    from ..methods import available
 
     table = Table(title="tokenfuse methods (baselines: full, truncation)")
     for title in ("name", "paper", "needs", "options"):
@@ -219,7 +219,8 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from . import bench, bench_vision
+    from ..eval import bench_text as bench
+    from ..eval import bench_vision
 
     vision = (
         args.task == "vision"
@@ -255,7 +256,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
-    from . import calibrate
+    from ..eval import calibrate
 
     settings = calibrate.Settings(
         keep=args.keep,
@@ -304,7 +305,7 @@ def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, err: Console) -> int:
-    from .report import write_report
+    from ..eval.report import write_report
 
     write_report(args.files, args.output)
     err.print(f"report written to {escape(str(args.output))}")

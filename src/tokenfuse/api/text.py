@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .api import patch_of
-from .engine import pool_mean
+from ..core import pool_mean
+from .patching import patch_of
 from .progress import progress_bar
 
 POOLINGS = ("auto", "mean", "cls")

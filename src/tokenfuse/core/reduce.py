@@ -1,0 +1,81 @@
+"""Applying a `Reduction`: one way, shared by every method and every model."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .tokens import Reduction, Tokens
+
+
+def reduce(x: Tensor, tokens: Tokens, red: Reduction) -> tuple[Tensor, Tokens]:
+    """Apply a reduction to features (B, N, C) and to the token state together.
+
+    Survivors are compacted to the front in their original order; padding follows. A survivor's
+    feature is the size-weighted (times feature_weight) average of the shares sent to it.
+    """
+    B, N, C = x.shape
+    weight = red.weight * tokens.mask[..., None]  # padding never moves into a real token
+    dest = red.dest.masked_fill(weight <= 0, -1)
+    _check_protected(tokens, dest, weight)
+    survives, position, new_n = survivors(dest)
+    sum_into = gather_sum(flat_rows(dest, position, new_n), B * new_n)
+
+    mass = weight * tokens.size[..., None]
+    size = sum_into(mass).view(B, new_n)
+    fmass = mass if red.feature_weight is None else mass * red.feature_weight[..., None]
+    fmass = fmass.to(x.dtype)
+    values = x[:, :, None, :] * fmass[..., None] if dest.shape[-1] > 1 else x * fmass
+    out = sum_into(values).view(B, new_n, C)
+    out /= sum_into(fmass).view(B, new_n, 1).clamp_min(torch.finfo(x.dtype).tiny)
+
+    protected = torch.zeros(B, new_n + 1, dtype=torch.bool, device=x.device)
+    protected.scatter_(1, torch.where(survives, position, new_n), tokens.protected)
+    source = None
+    if tokens.source is not None:
+        shares = tokens.source[:, :, None, :] * weight[..., None].to(tokens.source.dtype)
+        source = sum_into(shares).view(B, new_n, -1)
+    return out, Tokens(size=size, protected=protected[:, :new_n], source=source)
+
+
+def survivors(dest: Tensor) -> tuple[Tensor, Tensor, int]:
+    """dest (B, N, K) -> which tokens receive a share (B, N), each one's new position (B, N) when
+    survivors are compacted in order, and the longest survivor count (one host sync)."""
+    B, N, _ = dest.shape
+    survives = torch.zeros(B, N + 1, dtype=torch.bool, device=dest.device)
+    survives.scatter_(1, (dest + 1).flatten(1), True)
+    survives = survives[:, 1:]
+    return survives, survives.cumsum(1) - 1, int(survives.sum(1).max())
+
+
+def flat_rows(dest: Tensor, position: Tensor, new_n: int) -> Tensor:
+    """(B * N * K,) row of each share in a flat (B * new_n + 1) buffer; a dropped share goes to the
+    last row, which is thrown away."""
+    B = dest.shape[0]
+    rows = position.gather(1, dest.clamp_min(0).flatten(1)).view_as(dest)
+    rows = rows + torch.arange(B, device=dest.device)[:, None, None] * new_n
+    return torch.where(dest >= 0, rows, B * new_n).flatten()
+
+
+def gather_sum(rows: Tensor, out_rows: int):
+    """The sum of per-share values (B, N, K, ...) into their destination rows (out_rows, ...)."""
+
+    def sum_into(values: Tensor) -> Tensor:
+        flat = values.reshape(rows.shape[0], -1)
+        return flat.new_zeros(out_rows + 1, flat.shape[1]).index_add_(0, rows, flat)[:-1]
+
+    return sum_into
+
+
+def _check_protected(tokens: Tokens, dest: Tensor, weight: Tensor) -> None:
+    """A method that merges or drops a protected token, or merges into one, is a bug: fail loudly."""
+    if not tokens.protected.any():
+        return
+    own = torch.arange(dest.shape[1], device=dest.device)[None, :, None]
+    moved = (dest != own) & (dest >= 0) & (weight > 0)
+    kept_whole = (dest[..., 0] == own[..., 0]) & (weight[..., 0] == 1) & (weight[..., 1:] == 0).all(-1)
+    into = torch.zeros_like(tokens.size).scatter_add_(
+        1, dest.clamp_min(0).flatten(1), moved.flatten(1).float()
+    )
+    if (tokens.protected & (~kept_whole | (into > 0))).any():
+        raise RuntimeError("a reduction touched a protected token; methods must leave them alone")

@@ -1,0 +1,68 @@
+"""The token state carried between layers, and the one format every reduction takes.
+
+Every method, merging or pruning, only produces a `Reduction`: for each current token, the surviving
+token(s) its size goes to and in what shares. `reduce.reduce` applies it to features, sizes and the
+padding mask at once; attention and pooling read the sizes. Methods never touch any of this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What the engine knows about a (possibly reduced) batch of sequences.
+
+    size: (B, N) how many original tokens each position stands for; 0 marks padding.
+    protected: (B, N) tokens no method may remove or merge ([CLS], [SEP], caller-named ids).
+    source: (B, N, N0) share of each original token held by each position; tracked only when
+        reduced tokens must be mapped back to the full grid (dense outputs).
+    """
+
+    size: Tensor
+    protected: Tensor
+    source: Tensor | None = None
+
+    @classmethod
+    def start(cls, mask: Tensor, protected: Tensor, track_source: bool = False) -> Tokens:
+        size = mask.to(torch.float32)
+        source = torch.diag_embed(size) if track_source else None
+        return cls(size=size, protected=protected & mask.bool(), source=source)
+
+    @property
+    def mask(self) -> Tensor:
+        return self.size > 0
+
+    @property
+    def count(self) -> Tensor:
+        """Real (non-padding) tokens per sequence."""
+        return self.mask.sum(-1)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """One reduction step, as a token transformation.
+
+    dest: (B, N, K) index of the surviving token each share of a token goes to; -1 drops the share.
+    weight: (B, N, K) the share of the token's size sent to dest. Shares of a merged token sum to
+        1 (size is conserved); a pruned token has all shares 0. K = 1 for hard merges; K > 1
+        spreads a token over several targets (many-to-many, Token Transforming).
+    feature_weight: (B, N) optional extra weight of each token in the feature average, multiplied
+        with its size and share, for methods that fuse by importance (EViT) rather than by size
+        alone; a method that wants importance only divides by size itself.
+    A token survives iff some share is sent to it; survivors keep their original order.
+    """
+
+    dest: Tensor
+    weight: Tensor
+    feature_weight: Tensor | None = None
+
+    @classmethod
+    def hard(cls, dest: Tensor) -> Reduction:
+        """Each token goes whole to one destination (itself if it survives); -1 drops it."""
+        dest = dest[..., None]
+        return cls(dest=dest, weight=(dest >= 0).to(torch.float32))

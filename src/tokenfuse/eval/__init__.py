@@ -1,0 +1,1 @@
+"""The evaluation harness: benches, metrics, the calibration search and the report."""
