@@ -283,3 +283,17 @@ def test_gradients_flow_through_a_reduced_model(build, tokenizer, texts):
     for n in names:  # the embeddings and every layer's weights
         assert n in reduced and torch.isfinite(reduced[n]).all() and reduced[n].abs().sum() > 0, n
     assert any(not torch.allclose(reduced[k], full[k]) for k in full)  # the reduction changed them
+
+
+def test_an_attention_mask_that_is_not_padding_is_refused():
+    """A 4-D mask reaches the layers as given; a causal one must not be read as padding."""
+    model = tokenfuse.apply(tiny_bert(), "tome", keep=0.5)
+    causal = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="not a padding mask"):
+        model(input_ids=torch.tensor([[101, 5, 6, 7, 8, 102]]), attention_mask=causal)
+
+
+def test_protect_ids_need_input_ids():
+    model = tokenfuse.apply(tiny_bert(), "tome", keep=0.5, protect_ids=[5])
+    with pytest.raises(ValueError, match="pass input_ids"):
+        model(inputs_embeds=torch.randn(1, 6, 32))

@@ -164,10 +164,10 @@ class Patch:
         remove = (tokens.count - target).clamp_min(0)
         if not bool(remove.any()):
             return None
-        start = time.perf_counter()
         qkv = fwd.qkv
         if not fwd.reduced:
             x, tokens, qkv = right_padded(x, tokens, qkv)
+        start = time.perf_counter()
         inp = LayerInput(
             point=point,
             x=x,
