@@ -1,4 +1,8 @@
-"""Adapters know models: where layers, attention blocks and keys are. They never reimplement them."""
+"""Adapters know models: where layers, attention blocks and keys are. They never reimplement them.
+
+Each forward keeps its token state apart from every other (`base.Forward`, one per pass, in a
+per-thread slot), so one patched model serves concurrent threads, direct `forward()` calls, deep
+copies and pickling."""
 
 from __future__ import annotations
 

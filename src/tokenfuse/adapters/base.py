@@ -2,11 +2,24 @@
 reduction points, the attention mask handed to reduced layers, and the captured q, k, v.
 
 An adapter only wires these steps to a model's modules with hooks; it never replaces a forward.
+
+State is kept per forward. The hook that starts a pass opens a fresh `Forward` (token state,
+per-layer trace, captured q, k, v) and puts it in a per-thread slot; every later hook of the pass
+reads it from there, and the last layer closes it. Two threads calling one patched model at once
+therefore never see each other's tokens, and a pass never reads a stale one. Hooks firing outside
+a pass (a layer called on its own) find no open state and leave the layer unreduced. The calling
+thread's last forward stays readable (`tokens`, `trace`, `layer_tokens`), for the api and the bench.
+Hooks are bound methods or partials of them, never closures: `copy.deepcopy` and pickle carry them
+over to the copy's own Patch, whose per-thread slots start empty.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -16,12 +29,33 @@ from ..core import Tokens, attention_bias, reduce
 from ..methods import LayerInput, Method
 
 
+@dataclass(eq=False)
+class Forward:
+    """The state of one forward pass, seen by that pass's hooks only.
+
+    tokens: the token state after the latest reduction; None until the pass knows its padding.
+    n0: (B,) real tokens at the start, the base of the schedule's fractions.
+    trace: per layer, (tokens entering it, tokens after its reduction), for the work accounting.
+    qkv: the current layer's per-head q, k, v (B, H, N, D), until a reduction point consumes them.
+    reduced: whether tokens were reduced (from then on layers attend with the engine's mask).
+    """
+
+    tokens: Tokens | None = None
+    n0: Tensor | None = None
+    trace: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    qkv: dict[str, Tensor] = field(default_factory=dict)
+    reduced: bool = False
+
+
 class Patch:
     """Token reduction installed on one model; `remove()` takes every hook away.
 
-    trace: per layer, (tokens entering it, tokens after its reduction), for the work accounting.
-    decide_seconds: time spent in the method's decisions, for the bench.
+    decide_seconds: time spent in the method's decisions by every forward of every thread, for the
+    bench. tokens, trace, layer_tokens(): the calling thread's last forward.
     """
+
+    #: what a pass keeps; adapters that carry more between their hooks extend it
+    state_type: ClassVar[type[Forward]] = Forward
 
     def __init__(self, model: nn.Module, method: Method, num_layers: int, num_heads: int, has_cls: bool):
         self.model = model
@@ -31,13 +65,24 @@ class Patch:
         self.has_cls = has_cls
         self.schedule = method.schedule_for(num_layers)
         self.wants_attention = bool(method.needs & method.ATTENTION_INPUTS)
-        self.tokens: Tokens | None = None
-        self.trace: list[tuple[Tensor, Tensor]] = []
         self.decide_seconds = 0.0
         self._handles: list[RemovableHandle] = []
-        self._qkv: dict[str, Tensor] = {}
-        self._n0: Tensor | None = None
-        self._reduced = False
+        self._new_slots()
+
+    def _new_slots(self) -> None:
+        """Per-thread slots (open and last forward) and the lock on the shared timer: they belong
+        to this object, so a copy or an unpickled patch gets fresh ones."""
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_local"], state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._new_slots()
 
     def hold(self, *handles: RemovableHandle) -> None:
         self._handles.extend(handles)
@@ -47,48 +92,81 @@ class Patch:
             handle.remove()
         self._handles = []
 
-    def begin(self, mask: Tensor, protected: Tensor) -> None:
-        """A new forward: every real token stands for itself."""
-        self.tokens = Tokens.start(mask, protected, track_source=self.method.track_source)
-        self._n0 = self.tokens.count
-        self._reduced = False
-        self._qkv = {}
-        self.trace = []
+    def open(self) -> Forward:
+        """A pass starts: its own state, open in this thread until its last layer closes it."""
+        fwd = self.state_type()
+        self._local.current = self._local.last = fwd
+        return fwd
 
-    def enter(self, dtype: torch.dtype) -> Tensor | None:
-        """A layer starts: the engine's attention mask once tokens were reduced, else None (the
-        host's own mask, untouched, so that keep 1.0 is bit-identical)."""
-        self.trace.append((self.tokens.count, self.tokens.count))
-        if not self._reduced:
-            return None
-        return attention_bias(self.tokens, dtype, self.method.prop_attn)
+    def current(self) -> Forward | None:
+        """This thread's open pass, or None outside a pass."""
+        return getattr(self._local, "current", None)
+
+    def close(self, module: nn.Module, args: tuple, out) -> None:
+        """Forward hook on the last layer: the pass ends (its captured q, k, v are let go)."""
+        fwd = self.current()
+        if fwd is not None:
+            fwd.qkv = {}
+            self._local.current = None
+
+    @property
+    def last(self) -> Forward | None:
+        """This thread's last forward (the open one while a pass runs)."""
+        return getattr(self._local, "last", None)
+
+    @property
+    def tokens(self) -> Tokens | None:
+        """Token state after this thread's last forward; None before one."""
+        return None if self.last is None else self.last.tokens
+
+    @property
+    def trace(self) -> list[tuple[Tensor, Tensor]]:
+        return [] if self.last is None else self.last.trace
 
     def layer_tokens(self) -> Tensor:
-        """(L, 2, B) the last forward's trace: tokens entering each layer and after its reduction."""
+        """(L, 2, B) this thread's last forward: tokens entering each layer and after its reduction."""
         return torch.stack([torch.stack(pair) for pair in self.trace])
 
-    def keeper(self, name: str):
-        """Forward hook on a projection: keep its per-head output as q, k or v ("qkv": fused)."""
+    def begin(self, fwd: Forward, mask: Tensor, protected: Tensor) -> None:
+        """The pass knows its padding: every real token stands for itself."""
+        fwd.tokens = Tokens.start(mask, protected, track_source=self.method.track_source)
+        fwd.n0 = fwd.tokens.count
 
-        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
-            B, N, _ = out.shape
-            heads = out.view(B, N, -1, self.num_heads, out.shape[-1] // self.num_heads // len(name))
-            for i, part in enumerate(name):
-                self._qkv[part] = heads[:, :, i].transpose(1, 2)
+    def enter(self, fwd: Forward, dtype: torch.dtype) -> Tensor | None:
+        """A layer starts: the engine's attention mask once tokens were reduced, else None (the
+        host's own mask, untouched, so that keep 1.0 is bit-identical)."""
+        fwd.trace.append((fwd.tokens.count, fwd.tokens.count))
+        if not fwd.reduced:
+            return None
+        return attention_bias(fwd.tokens, dtype, self.method.prop_attn)
 
-        return hook
+    def keeper(self, name: str) -> partial:
+        """Forward hook for a projection: keep its per-head output as q, k or v ("qkv": fused)."""
+        return partial(self._keep, name)
 
-    def reduce_at(self, point: int, x: Tensor) -> Tensor | None:
+    def _keep(self, name: str, module: nn.Module, args: tuple, out: Tensor) -> None:
+        fwd = self.current()
+        if fwd is None:
+            return
+        B, N, _ = out.shape
+        heads = out.view(B, N, -1, self.num_heads, out.shape[-1] // self.num_heads // len(name))
+        for i, part in enumerate(name):
+            fwd.qkv[part] = heads[:, :, i].transpose(1, 2)
+
+    def reduce_at(self, fwd: Forward, point: int, x: Tensor) -> Tensor | None:
         """Let the method decide at reduction point `point` and apply it; None if nothing to do."""
         fraction = self.schedule[point]
         if fraction >= 1.0:
             return None
-        tokens = self.tokens
+        tokens = fwd.tokens
         floor = tokens.protected.sum(-1)
-        target = torch.maximum(torch.ceil(self._n0 * fraction).long(), floor)
+        target = torch.maximum(torch.ceil(fwd.n0 * fraction).long(), floor)
         remove = (tokens.count - target).clamp_min(0)
         if not bool(remove.any()):
             return None
+        qkv = fwd.qkv
+        if not fwd.reduced:
+            x, tokens, qkv = right_padded(x, tokens, qkv)
         start = time.perf_counter()
         inp = LayerInput(
             point=point,
@@ -98,16 +176,41 @@ class Patch:
             num_layers=self.num_layers,
             prop_attn=self.method.prop_attn,
             has_cls=self.has_cls,
-            **self._qkv,
+            **qkv,
         )
-        self._qkv = {}
+        fwd.qkv = {}
         red = self.method.decide(inp)
-        self.decide_seconds += time.perf_counter() - start
-        x, self.tokens = reduce(x, tokens, red)
-        self._reduced = True
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self.decide_seconds += seconds
+        x, fwd.tokens = reduce(x, tokens, red)
+        fwd.reduced = True
         if point > 0:
-            self.trace[-1] = (self.trace[-1][0], self.tokens.count)
+            fwd.trace[-1] = (fwd.trace[-1][0], fwd.tokens.count)
         return x
+
+
+def right_padded(
+    x: Tensor, tokens: Tokens, qkv: dict[str, Tensor]
+) -> tuple[Tensor, Tokens, dict[str, Tensor]]:
+    """A left-padded batch laid out as a right-padded one: the real tokens of each sequence moved,
+    in order, ahead of its padding, in the features (B, N, C), the token state and the captured
+    q, k, v (B, H, N, D). Methods then see every sequence as it would be alone (ToMe's split reads
+    positions). Exact (a gather); nothing before the first reduction depends on where padding sits,
+    since the host's layers see positions only through their embeddings and the mask."""
+    mask = tokens.mask
+    if not bool((mask[:, 1:] & ~mask[:, :-1]).any()):  # no real token after padding
+        return x, tokens, qkv
+    order = (~mask).to(torch.uint8).argsort(dim=-1, stable=True)  # (B, N) real first, in order
+
+    def along(t: Tensor, dim: int) -> Tensor:
+        shape = [1] * t.dim()
+        shape[0], shape[dim] = order.shape
+        return t.gather(dim, order.view(shape).expand_as(t))
+
+    source = None if tokens.source is None else along(tokens.source, 1)
+    moved = Tokens(size=along(tokens.size, 1), protected=along(tokens.protected, 1), source=source)
+    return along(x, 1), moved, {name: along(t, 2) for name, t in qkv.items()}
 
 
 def check_attention(model: nn.Module) -> None:
@@ -118,6 +221,13 @@ def check_attention(model: nn.Module) -> None:
             f"tokenfuse needs the 'sdpa' or 'eager' attention implementation, the model uses {impl!r}; "
             "load it with attn_implementation='sdpa'"
         )
+
+
+def argument(args: tuple, kwargs: dict, name: str, index: int):
+    """A call's argument given by keyword `name` or at position `index`; None if not given."""
+    if name in kwargs or len(args) <= index:
+        return kwargs.get(name)
+    return args[index]
 
 
 def with_mask(args: tuple, kwargs: dict, name: str, mask: Tensor) -> tuple[tuple, dict]:

@@ -3,12 +3,16 @@
 The adapter adds hooks and never replaces a forward: the host model's own attention, norms,
 residuals and dropout run unchanged, so a new transformers release cannot silently lose a piece of
 the computation. The hooks:
-  - before the model: read the padding mask and input ids, start the token state;
-  - at each reduction point, after the embeddings and after each layer's attention block: let the
-    method decide, and apply its reduction;
+  - before the embeddings: open this pass's own state (see `base`), note tokens protected by id;
+    hooks inside the model fire even when `model.forward(...)` is called directly;
+  - before the first layer: read the padding mask from the attention mask the host hands it (the
+    host builds it after the embeddings), protect the first and last real token ([CLS], [SEP],
+    wherever padding sits), and reduce at point 0 (the embeddings' output);
+  - after each layer's attention block: let the method decide, and apply its reduction;
   - before each layer: once tokens were reduced, hand the layer the engine's attention mask
     (padding, plus log size for proportional attention);
-  - on the query, key and value projections, only for methods that read attention.
+  - on the query, key and value projections, only for methods that read attention;
+  - after the last layer: close the pass.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..methods import Method
-from .base import Patch, check_attention, first, replace_first, with_mask
+from .base import Forward, Patch, argument, check_attention, first, replace_first, with_mask
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,53 @@ def supported() -> list[str]:
     return [t for f in FAMILIES for t in f.model_types]
 
 
+def padding_of(host: Tensor | None, x: Tensor) -> Tensor:
+    """(B, N) real tokens of the hidden states x (B, N, C), read from the attention mask the host
+    hands its first layer: None (nothing masked), or a (B|1, H|1, N|1, N) mask, bool (True
+    attends) or additive float (0 attends, the dtype's minimum masks). A bidirectional encoder's
+    padding mask gives every real query the same row: the real keys, which are also the tokens that
+    attend to themselves. Any other mask (causal, custom) is refused rather than misread."""
+    B, N, _ = x.shape
+    if host is None:
+        return torch.ones(B, N, dtype=torch.bool, device=x.device)
+    if host.dtype == torch.bool:
+        attend, clean = host, True
+    else:
+        attend = host == 0
+        clean = bool((attend | (host <= torch.finfo(host.dtype).min / 2)).all())
+    if host.dim() == 4:
+        attend = attend.expand(B, attend.shape[1], N, N)
+        real = attend[:, 0].diagonal(dim1=-2, dim2=-1)  # (B, N)
+        if clean and bool(((attend == real[:, None, None, :]) | ~real[:, None, :, None]).all()):
+            return real
+    raise ValueError(
+        f"tokenfuse reads the padding from the attention mask the encoder hands its layers, and this "
+        f"one ({tuple(host.shape)}, {host.dtype}) is not a padding mask of a bidirectional encoder; "
+        "pass a 2-D attention_mask of 0s and 1s to the model"
+    )
+
+
+def ends(mask: Tensor) -> Tensor:
+    """(B, N) the first and the last real token of each sequence ([CLS] and [SEP]), whichever side
+    the padding is on."""
+    N = mask.shape[-1]
+    positions = torch.arange(N, device=mask.device)
+    first_real = mask.int().argmax(-1)
+    last_real = N - 1 - mask.flip(-1).int().argmax(-1)
+    return (positions == first_real[:, None]) | (positions == last_real[:, None])
+
+
+@dataclass(eq=False)
+class TextForward(Forward):
+    """named: (B, N) tokens protected by id, found at the embeddings, before the padding is known."""
+
+    named: Tensor | None = None
+
+
 class TextPatch(Patch):
     """Token reduction installed on one Hugging Face encoder."""
+
+    state_type = TextForward
 
     def __init__(self, model: nn.Module, family: Family, method: Method, protect_ids: Sequence[int] = ()):
         check_attention(model)
@@ -82,42 +132,55 @@ class TextPatch(Patch):
         super().__init__(model, method, len(layers), model.config.num_attention_heads, family.has_cls)
         self.family = family
         self.protect_ids = torch.tensor(sorted(set(protect_ids)), dtype=torch.long)
-        self._signature = inspect.signature(base.forward)
+        embeddings = base.get_submodule(family.embeddings)
+        parameters = list(inspect.signature(embeddings.forward).parameters)
+        if "input_ids" not in parameters:
+            raise TypeError(
+                f"{type(embeddings).__name__}.forward takes no input_ids: this transformers version lays "
+                "out its encoders differently from the one tokenfuse was tested with (5.x)"
+            )
+        self._ids_at = parameters.index("input_ids")
 
-        self.hold(
-            base.register_forward_pre_hook(self._start, with_kwargs=True),
-            base.get_submodule(family.embeddings).register_forward_hook(self._reduce_hook(0)),
-        )
+        self.hold(embeddings.register_forward_pre_hook(self._start, with_kwargs=True))
         for i, layer in enumerate(layers):
             self.hold(
-                layer.register_forward_pre_hook(self._enter, with_kwargs=True),
-                layer.get_submodule(family.merge_after).register_forward_hook(self._reduce_hook(i + 1)),
+                layer.register_forward_pre_hook(partial(self._enter, i), with_kwargs=True),
+                layer.get_submodule(family.merge_after).register_forward_hook(partial(self._reduce, i + 1)),
             )
             if self.wants_attention:
                 for name, path in zip("qkv", family.qkv, strict=True):
                     self.hold(layer.get_submodule(path).register_forward_hook(self.keeper(name)))
+        self.hold(layers[-1].register_forward_hook(self.close))
 
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
-        ids, embeds, mask = bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask")
-        shape = ids.shape if ids is not None else embeds.shape[:2]
-        device = ids.device if ids is not None else embeds.device
-        mask = torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
-        count = mask.sum(-1)
-        positions = torch.arange(shape[1], device=device)
-        # [CLS] and [SEP]: the first and the last real token of each sequence.
-        protected = (positions == 0) | (positions == count[:, None] - 1)
-        if ids is not None and len(self.protect_ids):
-            protected |= torch.isin(ids, self.protect_ids.to(device))
-        self.begin(mask, protected)
+        fwd = self.open()
+        if not len(self.protect_ids):
+            return
+        ids = argument(args, kwargs, "input_ids", self._ids_at)
+        if ids is None:
+            raise ValueError(
+                "protect_ids names token ids, and this forward passed inputs_embeds: pass input_ids"
+            )
+        fwd.named = torch.isin(ids, self.protect_ids.to(ids.device))
 
-    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        bias = self.enter(args[0].dtype)
+    def _enter(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        fwd = self.current()
+        if fwd is None:
+            return None
+        x = args[0]
+        if index == 0:
+            mask = padding_of(argument(args, kwargs, "attention_mask", 1), x)
+            protected = ends(mask) if fwd.named is None else ends(mask) | fwd.named
+            self.begin(fwd, mask, protected)
+            reduced = self.reduce_at(fwd, 0, x)
+            if reduced is not None:
+                args = (reduced, *args[1:])
+        bias = self.enter(fwd, x.dtype)
         return None if bias is None else with_mask(args, kwargs, "attention_mask", bias)
 
-    def _reduce_hook(self, point: int):
-        def hook(module: nn.Module, args: tuple, out):
-            x = self.reduce_at(point, first(out))
-            return None if x is None else replace_first(out, x)
-
-        return hook
+    def _reduce(self, point: int, module: nn.Module, args: tuple, out):
+        fwd = self.current()
+        if fwd is None:
+            return None
+        x = self.reduce_at(fwd, point, first(out))
+        return None if x is None else replace_first(out, x)

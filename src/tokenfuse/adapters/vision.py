@@ -10,17 +10,21 @@ hook cannot reach it. Tokens are reduced between attention and MLP (as ToMe does
   - after the block: return x' + m', what the block computes on the reduced tokens.
 Anything between the branch's last module and the add (dropout, drop path) is the identity in
 eval mode, which reduction requires. The [CLS], distillation and register tokens are protected.
+
+Each pass keeps its state apart (see `base`): the embeddings' output opens it, x' and m' are kept
+in it between the MLP's hooks and the block's, and the last block closes it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from ..methods import Method
-from .base import Patch, check_attention, first, replace_first, with_mask
+from .base import Forward, Patch, check_attention, first, replace_first, with_mask
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,19 @@ def find_layers(base: nn.Module, family: Family) -> nn.ModuleList | nn.Sequentia
     return layers
 
 
+@dataclass(eq=False)
+class VisionForward(Forward):
+    """pending: x' (reduced) and the unreduced shape, from the MLP's input to the block's output;
+    branch: m', the MLP branch's output on the reduced tokens."""
+
+    pending: tuple[Tensor, torch.Size] | None = None
+    branch: Tensor | None = None
+
+
 class VisionPatch(Patch):
     """Token reduction installed on one vision transformer."""
+
+    state_type = VisionForward
 
     def __init__(self, model: nn.Module, family: Family, method: Method):
         if family is TIMM:
@@ -131,14 +146,13 @@ class VisionPatch(Patch):
         super().__init__(model, method, len(layers), heads, has_cls=True)
         self.family = family
         self.prefix = prefix_tokens(model)
-        self._pending: tuple[Tensor, torch.Size] | None = None
-        self._branch: Tensor | None = None
 
         self.hold(base.get_submodule(family.embeddings).register_forward_hook(self._embedded))
         for i, layer in enumerate(layers):
+            mlp_in = layer.get_submodule(family.mlp_in)
             self.hold(
                 layer.register_forward_pre_hook(self._enter, with_kwargs=True),
-                layer.get_submodule(family.mlp_in).register_forward_pre_hook(self._before_mlp(i + 1)),
+                mlp_in.register_forward_pre_hook(partial(self._before_mlp, i + 1)),
                 layer.get_submodule(family.mlp_out).register_forward_hook(self._after_mlp),
                 layer.register_forward_hook(self._after_layer),
             )
@@ -146,43 +160,49 @@ class VisionPatch(Patch):
                 names = ("qkv",) if len(family.qkv) == 1 else "qkv"
                 for name, path in zip(names, family.qkv, strict=True):
                     self.hold(layer.get_submodule(path).register_forward_hook(self.keeper(name)))
+        self.hold(layers[-1].register_forward_hook(self.close))
 
     def _embedded(self, module: nn.Module, args: tuple, out):
+        fwd = self.open()
         x = first(out)
         B, N, _ = x.shape
         mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
         protected = (torch.arange(N, device=x.device) < self.prefix).expand(B, N)
-        self.begin(mask, protected)
-        self._pending = None
-        x = self.reduce_at(0, x)
+        self.begin(fwd, mask, protected)
+        x = self.reduce_at(fwd, 0, x)
         return None if x is None else replace_first(out, x)
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        bias = self.enter(args[0].dtype)
+        fwd = self.current()
+        if fwd is None:
+            return None
+        bias = self.enter(fwd, args[0].dtype)
         return None if bias is None else with_mask(args, kwargs, self.family.mask_arg, bias)
 
-    def _before_mlp(self, point: int):
-        def hook(module: nn.Module, args: tuple):
-            if self.schedule[point] < 1.0 and module.training:
-                raise RuntimeError("token reduction runs in eval mode: call model.eval() first")
-            x = args[0]
-            reduced = self.reduce_at(point, x)
-            if reduced is None:
-                return None
-            self._pending = (reduced, x.shape)
-            return (reduced, *args[1:])
-
-        return hook
+    def _before_mlp(self, point: int, module: nn.Module, args: tuple):
+        fwd = self.current()
+        if fwd is None:
+            return None
+        if self.schedule[point] < 1.0 and module.training:
+            raise RuntimeError("token reduction runs in eval mode: call model.eval() first")
+        x = args[0]
+        reduced = self.reduce_at(fwd, point, x)
+        if reduced is None:
+            return None
+        fwd.pending = (reduced, x.shape)
+        return (reduced, *args[1:])
 
     def _after_mlp(self, module: nn.Module, args: tuple, out: Tensor):
-        if self._pending is None:
+        fwd = self.current()
+        if fwd is None or fwd.pending is None:
             return None
-        self._branch = out
-        return out.new_zeros(self._pending[1])
+        fwd.branch = out
+        return out.new_zeros(fwd.pending[1])
 
     def _after_layer(self, module: nn.Module, args: tuple, out):
-        if self._pending is None:
+        fwd = self.current()
+        if fwd is None or fwd.pending is None:
             return None
-        x = self._pending[0] + self._branch
-        self._pending = self._branch = None
+        x = fwd.pending[0] + fwd.branch
+        fwd.pending = fwd.branch = None
         return replace_first(out, x)

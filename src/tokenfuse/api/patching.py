@@ -79,7 +79,8 @@ def patch_of(model: nn.Module) -> adapters.Patch | None:
 
 
 def last_tokens(model: nn.Module) -> Tokens:
-    """Token state (sizes, protected, sources) of the patched model's last forward."""
+    """Token state (sizes, protected, sources) of the patched model's last forward in the calling
+    thread (each thread reads its own, so concurrent calls do not mix)."""
     patch = patch_of(model)
     if patch is None or patch.tokens is None:
         raise RuntimeError("no reduced forward to read: apply a method and run the model first")
@@ -87,8 +88,9 @@ def last_tokens(model: nn.Module) -> Tokens:
 
 
 def token_sizes(model: nn.Module) -> Tensor:
-    """(B, N) how many input tokens each output token of the last forward stands for (0 = padding);
-    use it to pool a reduced output."""
+    """(B, N) how many input tokens each output token of this thread's last forward stands for
+    (0 = padding); use it to pool a reduced output. Once tokens were reduced, the real ones come
+    first in every row: a left-padded input comes out right-padded."""
     return last_tokens(model).size
 
 
