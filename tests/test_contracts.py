@@ -15,6 +15,9 @@ from tokenfuse.methods import Method
 
 # every registered method with its defaults, plus option variants that change what is captured
 METHODS = [*sorted(tokenfuse.available()), "tome:similarity=keys", "transforming:targets=attention"]
+# a strong reduction every method reaches on the 3-layer models: ToMe on keys (nothing removed at the
+# embeddings, at most half of each later point) goes no lower than 0.4375 there
+LOW = 0.45
 
 
 def apply(model, spec, keep, **extra):
@@ -108,7 +111,7 @@ def test_vision_reduction_path_computes_the_hosts_block(family):
 @pytest.mark.parametrize("family", sorted(VISION))
 @pytest.mark.parametrize("method", METHODS)
 def test_vision_prefix_tokens_protected_sizes_conserved_and_batch_invariant(family, method):
-    model = apply(VISION[family](), method, keep=0.4)
+    model = apply(VISION[family](), method, keep=LOW)
     pixels = images()
     together = vision_outputs(model, pixels)[0]
     tokens = tokenfuse.last_tokens(model)
@@ -127,7 +130,7 @@ def test_vision_prefix_tokens_protected_sizes_conserved_and_batch_invariant(fami
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("keep", [0.7, 0.4])
+@pytest.mark.parametrize("keep", [0.7, LOW])
 def test_padding_invariance_in_mixed_length_batches(family, method, keep, tokenizer, texts):
     model = apply(MODELS[family](), method, keep=keep)
     together = tokenfuse.embed(model, tokenizer, texts, batch_size=len(texts))

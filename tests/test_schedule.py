@@ -76,3 +76,24 @@ def test_nudge_moves_one_point_and_keeps_the_budget():
     up = schedule.nudge(s, 2, 1.1)
     assert up[2] > s[2] and up[-1] < s[-1]
     assert schedule.nudge(s, 0, 1.1) is None
+
+
+@pytest.mark.parametrize("layers", [2, 6, 12])
+@pytest.mark.parametrize("at_embeddings", [True, False])
+def test_geometric_never_asks_more_than_a_method_can_remove(layers, at_embeddings):
+    least = schedule.least_work(layers, at_embeddings, max_removal=0.5)
+    for keep in (least + 1e-3, (least + 1) / 2):
+        s = schedule.geometric(keep, layers, at_embeddings, max_removal=0.5)
+        assert schedule.work(s) == pytest.approx(keep, abs=1e-9)
+        assert all(b >= 0.5 * a - 1e-12 for a, b in pairwise([1.0, *s]))  # at most half of each point
+    with pytest.raises(ValueError, match=f"removing at most 0.5 .* must be above {least:.6g}"):
+        schedule.geometric(least, layers, at_embeddings, max_removal=0.5)
+
+
+def test_a_schedule_is_checked_before_its_model_is_known():
+    assert schedule.check_fractions([1, 0.5]) == [1.0, 0.5]
+    for bad in ([0.5], [0.5, 0.0], [0.4, 0.5]):
+        with pytest.raises(ValueError, match="schedule"):
+            schedule.check_fractions(bad)
+    with pytest.raises(schedule.LayerCountError, match="3 reduction points"):
+        schedule.check_schedule([0.8, 0.5], 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ from torch import Tensor, nn
 
 from .. import adapters
 from ..core import Tokens, unmerge
-from ..core.config import load_config
+from ..core.config import check_fitted_on, load_config
+from ..core.schedule import LayerCountError
 from ..methods import Method, make
 
 _ATTR = "_tokenfuse_patch"
@@ -18,7 +20,7 @@ _ATTR = "_tokenfuse_patch"
 
 def apply(
     model: nn.Module,
-    method: str | Method = "tome",
+    method: str | Method | None = None,
     keep: float | None = None,
     *,
     config: str | Path | dict[str, Any] | None = None,
@@ -26,43 +28,98 @@ def apply(
     protect_ids: Sequence[int] = (),
     **options: Any,
 ) -> nn.Module:
-    """Patch `model` in place so it reduces tokens with `method`, and return it.
+    """Patch `model` in place so it reduces tokens with `method` ("tome" unless a config is given),
+    and return it.
 
-    keep: fraction of token-layer work kept (1.0 = nothing removed). config: a configuration found
-    by `tokenfuse calibrate` (its JSON path or dict), which sets the method, its options and its
-    schedule, and a classifier's temperature if it was fitted. temperature: divide a classifier's
-    logits by it, to restore the confidence calibration that fewer tokens change. protect_ids: token
-    ids never merged or removed, besides the first and last token ([CLS], [SEP]). Other options go
-    to the method (`tokenfuse methods` lists them). Applying again replaces the previous method.
+    keep: fraction of token-layer work kept (1.0 = nothing removed; 0.5 unless given or a `schedule`
+    option fixes it; both only if they agree). config: a configuration found by `tokenfuse
+    calibrate` (its JSON path or dict). It defines the reduction: the method, every option of it
+    (those it records, the others at their defaults), the schedule and so the work, and a
+    classifier's temperature if one was fitted (for the model it was fitted on only). Giving any of
+    these beside it is an error, since one of the two would be dropped; options that change no
+    decision (track_source) may be added. To vary a configuration, pass its parts instead:
+    apply(model, c["method"], schedule=c["schedule"], **c["options"], ...). temperature: divide a
+    classifier's logits by it, to restore the confidence calibration that fewer tokens change.
+    protect_ids: token ids never merged or removed, besides the first and last token ([CLS],
+    [SEP]). Other options go to the method (`tokenfuse methods` lists them). Applying again
+    replaces the previous method.
     """
+    source = None
     if config is not None:
+        source = f"config {config}" if isinstance(config, str | Path) else "the config"
         config = load_config(config)
-        method, keep = config["method"], None
-        options = {**config["options"], "schedule": config["schedule"], **options}
-        temperature = config.get("temperature") if temperature is None else temperature
+        options = _configured(config, source, method, keep, temperature, options)
+        check_fitted_on(config, model, source)
+        method, keep, temperature = config["method"], None, config.get("temperature", temperature)
     if keep is not None:
         options["keep"] = keep
     if temperature is not None and not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    method = make(method, **options)
+    method = make("tome" if method is None else method, **options)
     remove(model)
-    patch = adapters.install(model, method, protect_ids)
+    try:
+        patch = adapters.install(model, method, protect_ids)
+    except LayerCountError as err:
+        if source is None:
+            raise
+        found = config.get("found", {}).get("model")
+        raise ValueError(
+            f"{source} holds a schedule for a {err.entries - 1}-layer model"
+            f"{f' ({found})' if found else ''} and this model has {err.num_layers} layers: calibrate a "
+            "configuration for this model (tokenfuse calibrate)"
+        ) from None
     if temperature is not None:
-        patch.hold(model.register_forward_hook(_scale_logits(temperature)))
+        patch.hold(model.register_forward_hook(ScaleLogits(temperature)))
     setattr(model, _ATTR, patch)
     return model
 
 
-def _scale_logits(temperature: float):
-    def hook(module: nn.Module, args: tuple, out):
+def _configured(
+    config: dict[str, Any],
+    source: str,
+    method: str | Method | None,
+    keep: float | None,
+    temperature: float | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The method options a configuration sets, with the caller's additions; an error naming both
+    sides for anything the caller gave that the configuration already sets."""
+    defined = make(config["method"], **config["options"], schedule=config["schedule"]).options()
+    sets = {"method": config["method"], **defined}
+    if "temperature" in config:
+        sets["temperature"] = config["temperature"]
+    named = {"method": method, "keep": keep, "temperature": temperature}
+    given = {**{k: v for k, v in named.items() if v is not None}, **options}
+    clash = ", ".join(
+        f"{k}={_shown(v)} (the config: {_shown(sets[k])})" for k, v in given.items() if k in sets
+    )
+    if clash:
+        raise ValueError(
+            f"{clash} given beside {source}, which sets the method, its options, the schedule (so the "
+            "work) and any fitted temperature: give the config alone, or its parts without it "
+            '(apply(model, c["method"], schedule=c["schedule"], **c["options"], ...)) to change them'
+        )
+    return {**config["options"], "schedule": config["schedule"], **options}
+
+
+def _shown(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+
+@dataclass(frozen=True)
+class ScaleLogits:
+    """Forward hook dividing a classifier's logits by a temperature. A class, not a closure, so
+    that a patched model can be deep-copied and pickled with it."""
+
+    temperature: float
+
+    def __call__(self, module: nn.Module, args: tuple, out: Any) -> Any:
         if isinstance(out, Tensor):  # timm classifiers return the logits
-            return out / temperature
+            return out / self.temperature
         if getattr(out, "logits", None) is None:
             raise TypeError("a temperature scales a classifier's logits, and this model returns none")
-        out["logits"] = out.logits / temperature
+        out["logits"] = out.logits / self.temperature
         return out
-
-    return hook
 
 
 def remove(model: nn.Module) -> nn.Module:

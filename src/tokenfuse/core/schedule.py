@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 
+#: a schedule spends a budget when its work is within this of it
+WORK_TOLERANCE = 1e-6
+
 
 def work(schedule: Sequence[float]) -> float:
     """Fraction of token-layer work kept by a schedule of L + 1 points (1.0 = nothing removed)."""
@@ -29,16 +32,63 @@ def check_keep(keep: float) -> float:
     return float(keep)
 
 
-def check_schedule(schedule: Sequence[float], num_layers: int) -> list[float]:
-    schedule = [float(f) for f in schedule]
-    if len(schedule) != num_layers + 1:
-        raise ValueError(
-            f"schedule has {len(schedule)} entries but a {num_layers}-layer model has "
+class LayerCountError(ValueError):
+    """A schedule made for a model with another number of layers (a configuration found on another
+    model): raised apart so that a caller can say where the schedule came from."""
+
+    def __init__(self, entries: int, num_layers: int) -> None:
+        self.entries, self.num_layers = entries, num_layers
+        super().__init__(
+            f"schedule has {entries} entries but a {num_layers}-layer model has "
             f"{num_layers + 1} reduction points (after the embeddings, then after each attention)"
+        )
+
+
+def check_fractions(schedule: Sequence[float]) -> list[float]:
+    """A schedule's own checks, those that need no model: at least two points, non-increasing
+    fractions in (0, 1]."""
+    schedule = [float(f) for f in schedule]
+    if len(schedule) < 2:
+        raise ValueError(
+            f"a schedule gives the fraction of tokens left after each of a model's reduction points "
+            f"(the embeddings, then each attention: at least 2), got {schedule}"
         )
     if any(not 0.0 < f <= 1.0 for f in schedule) or any(b > a for a, b in pairwise(schedule)):
         raise ValueError(f"schedule must be non-increasing fractions in (0, 1], got {schedule}")
     return schedule
+
+
+def check_schedule(schedule: Sequence[float], num_layers: int) -> list[float]:
+    schedule = check_fractions(schedule)
+    if len(schedule) != num_layers + 1:
+        raise LayerCountError(len(schedule), num_layers)
+    return schedule
+
+
+def _constant_ratio(q: float, num_layers: int, first: int) -> list[float]:
+    """Points before `first` left whole, then each keeping the fraction q of the tokens entering it."""
+    return [1.0] * first + [q ** (i + 1) for i in range(num_layers + 1 - first)]
+
+
+def least_work(num_layers: int, at_embeddings: bool = True, max_removal: float = 1.0) -> float:
+    """The work of the most aggressive schedule a method can follow: every reduction point (after an
+    attention only, for at_embeddings=False) removing `max_removal` of the tokens entering it. Only
+    budgets above it are reached (with max_removal 1 that schedule would leave no tokens at all).
+    An idealisation: protected tokens and rounding to whole tokens keep a few tokens more per point,
+    a share that shrinks with the sequence's length."""
+    return work(_constant_ratio(1.0 - max_removal, num_layers, 0 if at_embeddings else 1))
+
+
+def check_reach(keep: float, num_layers: int, at_embeddings: bool = True, max_removal: float = 1.0) -> None:
+    """Refuse a budget that a method removing at most `max_removal` of the tokens entering each
+    reduction point cannot reach on num_layers layers (see `least_work`)."""
+    least = least_work(num_layers, at_embeddings, max_removal)
+    if keep < 1.0 and keep <= least:
+        points = "each reduction point" if at_embeddings else "each reduction point after an attention"
+        raise ValueError(
+            f"keep {keep:.6g} is below what can be reached on {num_layers} layers removing at most "
+            f"{max_removal:g} of the tokens entering {points}: keep must be above {least:.6g}"
+        )
 
 
 def bracket(
@@ -51,25 +101,24 @@ def bracket(
     return lo, hi
 
 
-def geometric(keep: float, num_layers: int, at_embeddings: bool = True) -> list[float]:
+def geometric(
+    keep: float, num_layers: int, at_embeddings: bool = True, max_removal: float = 1.0
+) -> list[float]:
     """Each reduction point keeps the same fraction q of its tokens, q chosen so the work is `keep`.
 
     Constant-ratio rather than ToMe's constant count: on a 6-layer text encoder a constant count
     that halves the work would leave no tokens at the last layer. at_embeddings=False leaves the
-    first point alone, for methods that score tokens by the layer's attention.
+    first point alone, for methods that score tokens by the layer's attention. max_removal: the
+    largest share of the tokens entering a point that the method can remove there, so q is at
+    least 1 - max_removal (bipartite matching: about half); a keep below that reach is refused.
     """
     keep = check_keep(keep)
     first = 0 if at_embeddings else 1
     if keep == 1.0:
         return [1.0] * (num_layers + 1)
-
-    def shape(q: float) -> list[float]:
-        return [1.0] * first + [q ** (i + 1) for i in range(num_layers + 1 - first)]
-
-    if keep <= work(shape(0.0)):
-        raise ValueError(f"keep {keep} is below what this method can reach on {num_layers} layers")
-    _, hi = bracket(lambda q: work(shape(q)), keep, 0.0, 1.0)
-    return shape(hi)
+    check_reach(keep, num_layers, at_embeddings, max_removal)
+    _, hi = bracket(lambda q: work(_constant_ratio(q, num_layers, first)), keep, 1.0 - max_removal, 1.0)
+    return _constant_ratio(hi, num_layers, first)
 
 
 def power(keep: float, num_layers: int, gamma: float, first: int = 0) -> list[float]:
@@ -113,4 +162,4 @@ def nudge(schedule: Sequence[float], point: int, factor: float) -> list[float] |
         return None
     lo, _ = bracket(lambda c: work(shape(c)), keep, lo, hi, steps=50)
     out = shape(lo)
-    return out if out[-1] > 0 and abs(work(out) - keep) < 1e-6 else None
+    return out if out[-1] > 0 and abs(work(out) - keep) < WORK_TOLERANCE else None

@@ -81,27 +81,49 @@ class Method:
     #: they must leave a sequence whole when its `remove` is 0 (the adapter skips a point only when
     #: no sequence of the batch has anything to remove, so anything else breaks padding invariance)
     adaptive: ClassVar[bool] = False
+    #: the largest share of the tokens entering a reduction point that `decide` can remove there:
+    #: 0.5 for bipartite matching (at most one token per A-token). The default schedule never asks
+    #: for more, and a budget below what it allows is refused (core.schedule.least_work)
+    max_removal: float = 1.0
     #: inputs that exist only after a layer's attention, so not at the embeddings
     ATTENTION_INPUTS = frozenset({"keys", "cls_attention", "attention", "values"})
 
     def __init__(
         self,
-        keep: float = 0.5,
+        keep: float | None = None,
         schedule: Sequence[float] | None = None,
         prop_attn: bool = True,
         track_source: bool = False,
     ) -> None:
-        self.keep = sched.check_keep(keep)
-        self.schedule = None if schedule is None else [float(f) for f in schedule]
+        """keep: the fraction of token-layer work kept, 0.5 unless a schedule is given. schedule: the
+        fraction of tokens left after each reduction point (core.schedule); it fixes the work, so a
+        keep beside it must equal that work."""
+        if schedule is None:
+            self.schedule = None
+            self.keep = sched.check_keep(0.5 if keep is None else keep)
+        else:
+            self.schedule = sched.check_fractions(schedule)
+            self.keep = sched.work(self.schedule)
+            if keep is not None and abs(sched.check_keep(keep) - self.keep) > sched.WORK_TOLERANCE:
+                raise ValueError(
+                    f"keep {keep} was given beside a schedule whose work is {self.keep:.6g}: a schedule "
+                    "fixes the work, so give one of them (the keep for a constant-ratio schedule)"
+                )
         self.prop_attn = prop_attn
         self.track_source = track_source
 
     def schedule_for(self, num_layers: int) -> list[float]:
         """Fraction of original tokens left after each of the num_layers + 1 reduction points."""
-        if self.schedule is not None:
-            return sched.check_schedule(self.schedule, num_layers)
         at_embeddings = not (self.needs & self.ATTENTION_INPUTS)
-        return sched.geometric(self.keep, num_layers, at_embeddings=at_embeddings)
+        schedule = None if self.schedule is None else sched.check_schedule(self.schedule, num_layers)
+        try:
+            sched.check_reach(self.keep, num_layers, at_embeddings, self.max_removal)
+        except ValueError as err:
+            given = "" if schedule is None else " (the given schedule's work)"
+            raise ValueError(f"{self.name}{given}: {err}") from None
+        if schedule is None:
+            schedule = sched.geometric(self.keep, num_layers, at_embeddings, self.max_removal)
+        return schedule
 
     def decide(self, inp: LayerInput) -> Reduction:
         raise NotImplementedError

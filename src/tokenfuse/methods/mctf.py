@@ -84,6 +84,8 @@ class MCTF(Method):
         self.bidirectional = bidirectional
         self.queries = queries
         self.needs = frozenset({"hidden", "attention"} if self.tau_info > 0 else {"hidden"})
+        # Both directions can merge all but one movable token; A into B alone one per A-token.
+        self.max_removal = 1.0 if bidirectional else 0.5
 
     def decide(self, inp: LayerInput) -> Reduction:
         tokens = inp.tokens

@@ -66,6 +66,7 @@ class PiToMe(Method):
     name = "pitome"
     paper = "Tran et al., Accelerating Transformers with Spectrum-Preserving Token Merging, NeurIPS 2024"
     needs = frozenset({"hidden"})
+    max_removal = 0.5  # one token per A-token of the 2k candidates
 
     def __init__(
         self, margin: float | None = None, alpha: float = 1.0, references: int | None = 64, **kwargs: Any

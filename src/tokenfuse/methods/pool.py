@@ -31,6 +31,7 @@ def _bit_reversed(n: int, device: torch.device) -> torch.Tensor:
 class Pool(Method):
     name = "pool"
     paper = "baseline: average pooling of adjacent token pairs, spread evenly"
+    max_removal = 0.5  # one token per pair
 
     def decide(self, inp: LayerInput) -> Reduction:
         n = inp.x.shape[1]

@@ -30,6 +30,7 @@ def _hash_scores(n_a: int, n_b: int, salt: int, device: torch.device) -> torch.T
 class RandomMerge(Method):
     name = "random"
     paper = "baseline: random pairs merged on ToMe's schedule (Bolya et al., ICLR 2023, ablation)"
+    max_removal = 0.5  # one token per A-token
 
     def __init__(self, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -88,6 +88,8 @@ class TokenTransforming(Method):
         self.similarity = similarity
         self.targets = targets
         self.needs = frozenset({similarity} | ({"cls_attention"} if targets == "attention" else set()))
+        # Matching removes at most one token per A-token; attention targets all but one token.
+        self.max_removal = 0.5 if targets == "matching" else 1.0
 
     def decide(self, inp: LayerInput) -> Reduction:
         metric = inp.keys() if self.similarity == "keys" else inp.x

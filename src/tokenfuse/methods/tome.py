@@ -26,6 +26,7 @@ SIMILARITIES = ("hidden", "keys")
 class ToMe(Method):
     name = "tome"
     paper = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023"
+    max_removal = 0.5  # one token per A-token
 
     def __init__(self, similarity: str = "hidden", **kwargs: Any) -> None:
         super().__init__(**kwargs)
