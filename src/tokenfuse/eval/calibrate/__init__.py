@@ -21,7 +21,7 @@ records), `tasks` (the objective of each task: embedding cosine for text encoder
 and a fitted temperature for classifiers).
 """
 
-from .run import Found, Settings, calibrate_sets, calibrated_configs, config_record, results, timed_speedup
+from .run import Found, Settings, calibrate_sets, calibrated_configs, config_of, config_record, results
 from .search import METHODS, OPTIONS, SHAPES, Candidate, Trial, Z, constant, search, shaped
 from .tasks import fit_temperature, run_classifier, run_text
 
@@ -36,6 +36,7 @@ __all__ = [
     "Trial",
     "calibrate_sets",
     "calibrated_configs",
+    "config_of",
     "config_record",
     "constant",
     "fit_temperature",
@@ -44,5 +45,4 @@ __all__ = [
     "run_text",
     "search",
     "shaped",
-    "timed_speedup",
 ]

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +13,14 @@ from typing import Any
 import numpy as np
 
 from ... import __version__
-from ...api import apply, remove
 from ...api.progress import progress_bar
 from ...core import schedule as sched
 from ...methods import available
-from ..bench_text import Config, environment
+from .. import measure
+from ..measure import Config
 from .search import METHODS, Candidate, Trial, constant, search
+
+SPEEDUP_ROUNDS = 3  # interleaved timing rounds of a found configuration against the full model
 
 
 def config_record(best: Trial, keep: float, how: dict[str, Any]) -> dict[str, Any]:
@@ -84,8 +84,19 @@ class Settings:
         unknown = [m for m in self.methods if m not in available()]
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(available())}")
-        if self.calib_size < 1 or self.repeats < 1:
-            raise ValueError("calib-size and repeats must be at least 1")
+        if self.calib_size < 2:
+            raise ValueError(
+                f"calib_size must be at least 2, got {self.calib_size}: a change must beat the choice by "
+                "a standard error of the per-input differences, which takes two inputs; give a larger "
+                "--calib-size"
+            )
+        measure.check_positive(
+            repeats=self.repeats,
+            holdout=self.holdout,
+            batch_size=self.batch_size,
+            eval_repeats=self.eval_repeats,
+            max_length=self.max_length,
+        )
         return sched.check_keep(1 / self.speedup if self.keep is None else self.keep)
 
     def starts(self, total: int, what: str) -> list[int]:
@@ -108,16 +119,16 @@ class Settings:
 
 def calibrate_sets(
     model,
-    objective: Callable[[int], tuple[Callable[[Candidate], np.ndarray], Callable[[], Any]]],
+    objective: Callable[[int], tuple[Callable[[Candidate], np.ndarray], measure.Task]],
     settings: Settings,
     starts: list[int],
 ) -> list[Found]:
     """Search on each calibration set. objective(first) gives, for the set starting at `first`, its
-    score function and a function running the full-size model on it (for timing a speedup budget).
+    score function and the set as a bench task (`measure.Task`), to time a speedup budget on.
 
     With `speedup`, the budget is measured: a first search at keep = 1 / speedup, the found
-    configuration timed against the full model on the set, keep corrected by the shortfall, and a
-    second search; each gets half the time.
+    configuration timed against the full model on the set as the bench times, keep corrected by the
+    shortfall, and a second search; each gets half the time.
     """
     num_layers = model.config.num_hidden_layers
     keep, speedup, rounds = settings.budget(), settings.speedup, 1 if settings.speedup is None else 2
@@ -129,15 +140,23 @@ def calibrate_sets(
             def say(what: str, task=task, r=r) -> None:
                 bar.update(task, description=f"calibration set {r + 1}/{len(starts)}: {what}")
 
-            score, run = objective(first)
+            score, subject = objective(first)
             k, measured = keep, []
             for _ in range(rounds):
                 if measured:
                     k = sched.check_keep(min(1.0, k * measured[-1] / speedup))
-                trials = search(score, k, num_layers, settings.methods, settings.time_limit / rounds, say)
+                try:
+                    trials = search(score, k, num_layers, settings.methods, settings.time_limit / rounds, say)
+                except ValueError as e:
+                    if not measured:
+                        raise
+                    raise ValueError(
+                        f"{e}: the keep for {speedup:g}x, corrected by the {measured[-1]:.2f}x measured at "
+                        f"keep {1 / speedup:.3g}; ask for a lower --speedup"
+                    ) from None
                 if speedup is not None:
-                    measured.append(timed_speedup(model, trials[0].candidate, run))
-            remove(model)
+                    chosen = config_of(trials[0].candidate, k)
+                    measured.append(measure.speedup(subject, chosen, SPEEDUP_ROUNDS))
             found.append(Found(trials, k, measured, first))
             bar.remove_task(task)
     return found
@@ -174,7 +193,7 @@ def results(
     config = config_record(best, first.keep, how)
     calibrated = [r[quality] for r in rows if re.fullmatch(r"calibrated( \d+)?", r["name"])]
     meta = {
-        **environment(),
+        **measure.environment(),
         "arguments": {"task": "calibrate", **arguments, "keep": first.keep},
         "config": config,
         "spread": {
@@ -196,34 +215,23 @@ def results(
     return {"meta": meta, "rows": rows, "notes": notes}, config
 
 
+def config_of(candidate: Candidate, keep: float | None = None, name: str = "", **extra: Any) -> Config:
+    """A candidate as a configuration to run, at the keep it was searched at (by default its
+    schedule's work: the schedule is what runs); `extra`: more options (a fitted temperature)."""
+    keep = sched.work(candidate.schedule) if keep is None else keep
+    return Config(candidate.method, keep, {**candidate.apply_options(), **extra}, name)
+
+
 def calibrated_configs(found: list[Found], baselines: Sequence[str], **extra: Any) -> list[Config]:
     """What the evaluation compares: full, the calibrated configuration, the same method with its
     constant schedule at the same budget, the baselines, and the other sets' calibrations."""
     first = found[0]
-    method = first.best.method
     configs = [
-        Config("full", 1.0),
-        Config(method, first.keep, {**first.best.apply_options(), **extra}, name="calibrated"),
-        Config(method, first.keep, name="constant"),
+        measure.FULL,
+        config_of(first.best, first.keep, "calibrated", **extra),
+        Config(first.best.method, first.keep, name="constant"),
         *(Config(b, first.keep) for b in baselines),
     ]
     return configs + [
-        Config(f.best.method, f.keep, {**f.best.apply_options(), **extra}, name=f"calibrated {r + 2}")
-        for r, f in enumerate(found[1:])
+        config_of(f.best, f.keep, f"calibrated {r + 2}", **extra) for r, f in enumerate(found[1:])
     ]
-
-
-def timed_speedup(model, candidate: Candidate, run: Callable[[], Any], rounds: int = 3) -> float:
-    """Full time over the candidate's time on the same inputs, medians of interleaved rounds."""
-    full, reduced = [], []
-    for _ in range(rounds):
-        remove(model)
-        start = time.perf_counter()
-        run()
-        full.append(time.perf_counter() - start)
-        apply(model, candidate.method, **candidate.apply_options())
-        start = time.perf_counter()
-        run()
-        reduced.append(time.perf_counter() - start)
-    remove(model)
-    return statistics.median(full) / statistics.median(reduced)

@@ -59,10 +59,15 @@ class Trial:
         return len(d) > 1 and d.mean() > z * d.std(ddof=1) / math.sqrt(len(d))
 
 
-def constant(method: str, keep: float, num_layers: int, options=None) -> Candidate:
-    """The method's own default schedule at this budget, the baseline to beat."""
+def constant(method: str, keep: float, num_layers: int, options=None) -> Candidate | None:
+    """The method's own default schedule at this budget, the baseline to beat; None where it cannot
+    reach the budget (a method scoring by attention cannot reduce before the first layer)."""
     instance = available()[method](keep=keep, **(options or {}))
-    return Candidate(method, tuple(instance.schedule_for(num_layers)), dict(options or {}))
+    try:
+        schedule = instance.schedule_for(num_layers)
+    except ValueError:
+        return None
+    return Candidate(method, tuple(schedule), dict(options or {}))
 
 
 def shaped(method: str, keep: float, num_layers: int, gamma: float, options=None) -> Candidate | None:
@@ -114,6 +119,11 @@ def search(
         own = max((t for t in trials if t.candidate.method == method), key=lambda t: t.score, default=None)
         if chosen is None or (own is not None and own.beats(chosen, z)):
             chosen = own
+    if chosen is None:
+        raise ValueError(
+            f"keep {keep:.3g} is below what {', '.join(methods)} can reach on {num_layers} layers; "
+            "give a larger budget"
+        )
     top = chosen.candidate  # stage 2: the same shape with other options (which may move its first point)
     for options in ({"prop_attn": False}, *OPTIONS.get(top.method, ())):
         options = {**top.options, **options}
