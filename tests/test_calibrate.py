@@ -70,6 +70,20 @@ def test_option_variants_get_a_schedule_they_can_run():
         tokenfuse.methods.make(c.method, **c.apply_options())  # every candidate is a valid method
 
 
+def test_a_variant_that_cannot_reach_the_budget_is_skipped():
+    """ToMe on keys cannot reduce before the first layer: on 4 layers its least work is 0.125. At keep
+    0.1 with the constant schedule chosen, stage 2 built that variant and the search stopped with an
+    error (a --speedup budget corrected by a slow measurement got there)."""
+    trials = calibrate.search(
+        lambda c: np.full(4, 1.0 if c.gamma is None else 0.0), keep=0.1, num_layers=4, methods=("tome",)
+    )
+    assert trials[0].candidate == calibrate.constant("tome", 0.1, 4)
+    assert not any(t.candidate.options.get("similarity") == "keys" for t in trials)
+    assert calibrate.constant("tome", 0.1, 4, {"similarity": "keys"}) is None
+    with pytest.raises(ValueError, match="keep 0.1 is below what evit can reach on 4 layers"):
+        calibrate.search(lambda c: np.zeros(4), keep=0.1, num_layers=4, methods=("evit",))
+
+
 def test_search_stops_at_its_time_limit_after_one_trial():
     trials = calibrate.search(lambda c: np.zeros(4), keep=0.5, num_layers=6, time_limit=0)
     assert len(trials) == 1
@@ -103,10 +117,16 @@ def test_calibrate_command_end_to_end(tmp_path, capsys):
     config = json.loads(out.read_text())
     assert config["method"] == "tome" and sched.work(config["schedule"]) == pytest.approx(0.5, abs=1e-6)
     assert config["found"]["calib_size"] == 4 and config["found"]["calibration_inputs"] == [8, 12]
-    rows = {r["name"]: r for r in json.loads(results.read_text())["rows"]}
+    evaluation = json.loads(results.read_text())
+    rows = {r["name"]: r for r in evaluation["rows"]}
     assert set(rows) == {"full", "calibrated", "constant", "truncation"}
     assert all(0 < r["cosine"] <= 1.0001 and r["speedup"] > 0 for r in rows.values())
-    assert "calibrated" in capsys.readouterr().out
+    assert rows["calibrated"]["options"]["schedule"] == config["schedule"]  # the configuration written
+    # 8 held-out documents of 5 classes: no 10-NN accuracy (it printed 0.0), a note says why
+    assert not any("bbc_knn_acc" in r for r in rows.values())
+    assert any(n.startswith("bbc_knn_acc left out") for n in evaluation["notes"])
+    printed = next(line for line in capsys.readouterr().out.splitlines() if "calibrated" in line)
+    assert f"{rows['calibrated']['cosine']:.3f}" in printed and "BBC acc" not in printed
     # bench benches the configuration beside the usual rows
     bench_json = tmp_path / "bench.json"
     bench = [
@@ -123,8 +143,43 @@ def test_calibrate_command_end_to_end(tmp_path, capsys):
         "bbc",
     ]
     assert cli.main([*bench, "--max-length", "128", "--no-progress", "--json", str(bench_json)]) == 0
-    names = [r["name"] for r in json.loads(bench_json.read_text())["rows"]]
-    assert names == ["full", "tome", "config"]
+    bench_rows = json.loads(bench_json.read_text())["rows"]
+    assert [r["name"] for r in bench_rows] == ["full", "tome", "config"]
+    assert bench_rows[2]["options"]["schedule"] == config["schedule"]
+    assert not any("bbc_knn_acc" in r for r in bench_rows)
+
+
+@pytest.fixture
+def tiny_text_model(tmp_path, tokenizer) -> Path:
+    """A folder holding a tiny random BERT and the packaged tokenizer: `--model PATH` runs in seconds."""
+    folder = tmp_path / "tiny-bert"
+    MODELS["bert"](layers=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_calibrate_to_a_speedup_corrects_keep_by_the_measured_speedup(tiny_text_model, tmp_path):
+    """--speedup S: a search at keep 1/S, its choice timed against the full model, keep scaled by
+    measured / S, a second search there; the configuration and its evaluation are at the second keep."""
+    out, results = tmp_path / "config.json", tmp_path / "results.json"
+    args = ["calibrate", "--model", str(tiny_text_model), "--speedup", "2", "--calib-size", "4"]
+    args += ["--holdout", "6", "--time-limit", "1", "--method", "tome", "--max-length", "64"]
+    args += ["--eval-repeats", "1", "--no-progress", "--out", str(out), "--json", str(results)]
+    assert cli.main(args) == 0
+    config = json.loads(out.read_text())
+    found = config["found"]
+    measured = found["speedup_measured_on_calibration"]
+    assert found["speedup_target"] == 2.0 and len(measured) == 2 and all(m > 0 for m in measured)
+    assert config["keep"] == pytest.approx(min(1.0, 0.5 * measured[0] / 2.0))
+    assert sched.work(config["schedule"]) == pytest.approx(config["keep"], abs=1e-6)
+    evaluation = json.loads(results.read_text())
+    assert evaluation["meta"]["arguments"]["keep"] == config["keep"]
+    rows = {r["name"]: r for r in evaluation["rows"]}
+    assert set(rows) == {"full", "calibrated", "constant", "truncation"}
+    calibrated = rows["calibrated"]
+    assert calibrated["keep"] == config["keep"] and calibrated["options"]["schedule"] == config["schedule"]
+    assert 0 < calibrated["cosine"] <= 1.0001 and calibrated["speedup"] > 0
+    assert calibrated["tokens"] < 1 and rows["full"]["keep"] == 1.0
 
 
 def test_calibrate_errors_name_the_fix(capsys):

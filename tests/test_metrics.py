@@ -19,6 +19,20 @@ def test_knn_accuracy_on_separable_clusters():
     assert metrics.knn_accuracy(emb, labels, k=5) == 100.0
 
 
+def test_knn_accuracy_refuses_too_few_inputs_of_a_class():
+    """10-NN on 8 documents of 5 classes scored the full model 0%: every input's neighbours were
+    all the others, and the vote counted class sizes, whatever the features."""
+    labels = np.array([0, 0, 1, 2, 2, 3, 3, 4])
+    perfect = np.eye(5)[labels]  # features that separate the classes exactly
+    assert "smallest class has 1" in metrics.knn_problem(labels, 10)
+    with pytest.raises(ValueError, match="more than 10 inputs of every class"):
+        metrics.knn_accuracy(perfect, labels, k=10)
+    assert "at least two classes" in metrics.knn_problem(np.zeros(30, dtype=int), 5)
+    labels = np.repeat(np.arange(3), 4)  # 4 of each: k = 3 is the largest that means something
+    assert metrics.knn_problem(labels, 3) is None and metrics.knn_problem(labels, 4) is not None
+    assert metrics.knn_accuracy(np.eye(3)[labels], labels, k=3) == 100.0
+
+
 def test_flops_count_attention_quadratically():
     one = metrics.encoder_flops(np.array([10]), np.array([10]), 8, 32)
     two = metrics.encoder_flops(np.array([20]), np.array([20]), 8, 32)

@@ -59,5 +59,5 @@ def test_tome_stays_close_to_the_full_model_and_beats_random(minilm, docs, full)
 
 
 def test_knn_accuracy_of_the_full_model_is_high(docs, full):
-    acc = metrics.knn_accuracy(full.numpy(), docs.labels, k=5)
-    assert acc > 75  # 32 documents, 5 classes: far above the 20% of chance
+    acc = metrics.knn_accuracy(full.numpy(), docs.labels, k=4)
+    assert acc > 75  # 32 documents, 5 classes (the smallest has 5): far above the 20% of chance

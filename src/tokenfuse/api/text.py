@@ -98,33 +98,53 @@ def encode_batches(
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if pooling == "auto":
         pooling = pooling_of(model)
+    for index, batch in padded_batches(model, tokenizer, texts, batch_size, max_length, prefix):
+        yield encode_padded(model, index, batch, pooling)
+
+
+def padded_batches(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int,
+    max_length: int | None = None,
+    prefix: float = 1.0,
+) -> list[tuple[list[int], dict[str, Tensor]]]:
+    """The work before the model, done at once (the bench keeps it off its clock): token ids in
+    length-sorted batches, padded and on the model's device, each with the texts it holds."""
     limit = model_max_length(model, tokenizer)
     if max_length is None:
         max_length = limit
     elif max_length > limit:
         warnings.warn(
-            f"max_length {max_length} exceeds the model's maximum {limit}; using {limit}", stacklevel=3
+            f"max_length {max_length} exceeds the model's maximum {limit}; using {limit}", stacklevel=4
         )
         max_length = limit
     ids = tokenize(tokenizer, texts, max_length, prefix)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     device = next(model.parameters()).device
-    num_layers = model.config.num_hidden_layers
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [ids[i] for i in index]}, return_tensors="pt")
-            mask = batch["attention_mask"].to(device)
-            out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            patch = patch_of(model)
-            if patch is None:
-                size, layer_tokens = mask, mask.sum(-1).expand(num_layers, 2, -1)
-            else:
-                size = patch.tokens.size
-                layer_tokens = patch.layer_tokens()
-            emb = hidden[:, 0] if pooling == "cls" else pool_mean(hidden, size)
-            yield Batch(index=index, embedding=emb.float(), layer_tokens=layer_tokens)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [ids[i] for i in index]}, return_tensors="pt")
+        batches.append((index, {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}))
+    return batches
+
+
+@torch.inference_mode()
+def encode_padded(model: nn.Module, index: list[int], batch: dict[str, Tensor], pooling: str) -> Batch:
+    """The model and the pooling ("mean" or "cls") on one batch of `padded_batches`."""
+    mask = batch["attention_mask"]
+    out = model(input_ids=batch["input_ids"], attention_mask=mask)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    patch = patch_of(model)
+    if patch is None:
+        size, layer_tokens = mask, mask.sum(-1).expand(model.config.num_hidden_layers, 2, -1)
+    else:
+        size = patch.tokens.size
+        layer_tokens = patch.layer_tokens()
+    emb = hidden[:, 0] if pooling == "cls" else pool_mean(hidden, size)
+    return Batch(index=index, embedding=emb.float(), layer_tokens=layer_tokens)
 
 
 def embed(

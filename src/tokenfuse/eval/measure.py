@@ -1,0 +1,275 @@
+"""One measurement protocol for every bench (text, vision) and for calibration (its speedup budget,
+its held-out evaluation), so that a number means the same in every table:
+
+- a warm-up pass (the full model on one batch) is discarded: first calls pay for allocations and
+  kernel choices;
+- timing rounds are interleaved, each round running every configuration once, so that a change of
+  the machine's load spreads over all of them; the median per configuration is kept;
+- the clock covers the model (and its pooling) alone: a task prepares its inputs before it starts
+  (tokenized, truncated, resized, batched, on the model's device) and outputs are copied back after
+  it stops; on a GPU it waits for the device at both ends;
+- speedup is the full model's median over the configuration's, from the same run; scoring is the
+  share of the configuration's time spent in the method's decisions (`Patch.decide_seconds`);
+  tokens and FLOPs are per layer, relative to the full model, from the layer trace of the pass the
+  quality is read from.
+
+A task (`Task`) says how to run one configuration over its inputs and which quality columns it adds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from ..api import apply, patch_of, remove
+from ..methods import available
+from . import metrics
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration a bench compares: a method (or a baseline) at a keep, with options."""
+
+    method: str
+    keep: float
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # how results call it; the method's name unless set
+
+    @property
+    def title(self) -> str:
+        return self.name or self.method
+
+    @property
+    def label(self) -> str:
+        return "full" if self.method == "full" else f"{self.title} @ {self.keep:g}"
+
+
+FULL = Config("full", 1.0)
+
+
+def method_names(spec: str, baselines: tuple[str, ...]) -> list[str]:
+    """A comma list of method names; 'all' stands for every registered method and baseline."""
+    known = [*baselines, *available()]
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if "all" in names:
+        return known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: all, {', '.join(known)}")
+    return names
+
+
+def configs_for(
+    methods: list[str], keeps: list[float], options: dict[str, Any], baselines: tuple[str, ...]
+) -> list[Config]:
+    """The full model first, then every method at every keep; fails on a bad keep or option now,
+    before any long work."""
+    out = [FULL]
+    for keep in keeps:
+        out += [Config(m, keep, {} if m in baselines else options) for m in methods if m != "full"]
+    for config in out[1:]:
+        if config.method not in baselines:
+            available()[config.method](keep=config.keep, **config.options)
+    return out
+
+
+def check_positive(**values: int | None) -> None:
+    """Counts a run is asked for (batch size, repeats, ...): each must be at least 1 where given."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{name} must be at least 1, got {value}; give a positive {flag}")
+
+
+@dataclass
+class Pass:
+    """One configuration run over a task's inputs."""
+
+    outputs: dict[str, np.ndarray]  # name -> (inputs, ...), in input order
+    layer_tokens: np.ndarray  # (inputs, layers, 2): tokens entering attention and the MLP
+    seconds: float  # the model's time alone, inputs prepared beforehand
+    scoring: float  # share of it spent in the method's decisions
+
+
+Forward = Callable[[Any], tuple[dict[str, Tensor], Tensor]]
+
+
+def run_pass(
+    model: nn.Module,
+    config: Config,
+    baseline: bool,
+    batches: Sequence[Any],
+    forward: Forward,
+    order: Sequence[int] | None = None,
+    **extra: Any,
+) -> Pass:
+    """`config` installed on the model (nothing for a baseline: its change is in the prepared
+    inputs), `forward` timed over the `batches`, and the model left unreduced. forward(batch) gives
+    outputs, name -> (B, ...), and the layer trace (layers, 2, B); `order` is the input position of
+    each output row, for batches that do not hold the inputs in order. `extra`: apply's options."""
+    if baseline:
+        remove(model)
+    else:
+        apply(model, config.method, keep=config.keep, **extra, **config.options)
+    try:
+        with torch.inference_mode():
+            _wait(model)
+            start = time.perf_counter()
+            results = [forward(batch) for batch in batches]
+            _wait(model)
+            seconds = time.perf_counter() - start
+        patch = patch_of(model)
+        scoring = patch.decide_seconds / seconds if patch else 0.0
+    finally:
+        remove(model)
+    outputs = {k: torch.cat([out[k] for out, _ in results]).float().cpu().numpy() for k in results[0][0]}
+    layer_tokens = torch.cat([trace for _, trace in results], -1).permute(2, 0, 1).cpu().numpy()
+    if order is not None:
+        at = np.argsort(np.asarray(order))
+        outputs, layer_tokens = {k: v[at] for k, v in outputs.items()}, layer_tokens[at]
+    return Pass(outputs, layer_tokens, seconds, scoring)
+
+
+def _wait(model: nn.Module) -> None:
+    """A GPU runs asynchronously: the clock may be read only once its queued work is done."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Task(Protocol):
+    """What a bench runs: a model, its inputs, how a configuration runs over them, its quality."""
+
+    name: str
+    model: nn.Module
+
+    def run(self, config: Config, warm_up: bool = False) -> Pass:
+        """One pass of `config` over the timing inputs (their first batch for the warm-up)."""
+
+    def quality_pass(self, config: Config, timed: Pass) -> Pass:
+        """The pass quality and work are read from: `timed` (the first timed pass) where it serves."""
+
+    def head(self, config: Config) -> dict[str, Any]:
+        """The row's leading columns, naming what it is."""
+
+    def columns(self, config: Config, quality: Pass, full: Pass) -> dict[str, Any]:
+        """The row's quality columns, against the full model's quality pass `full`."""
+
+
+def timings(
+    task: Task, configs: Sequence[Config], repeats: int, step: Callable[[str], None] = lambda _: None
+) -> list[list[Pass]]:
+    """The warm-up, then `repeats` interleaved rounds: one list of timed passes per configuration.
+    step(what) is called before each pass."""
+    step(f"{task.name} warm-up")
+    task.run(configs[0], warm_up=True)
+    passes: list[list[Pass]] = [[] for _ in configs]
+    for r in range(repeats):
+        for i, config in enumerate(configs):
+            step(f"{task.name} round {r + 1}/{repeats}: {config.label}")
+            passes[i].append(task.run(config))
+    return passes
+
+
+def speedup(task: Task, config: Config, repeats: int) -> float:
+    """The full model's median time over `config`'s on the task's inputs, as the bench measures it."""
+    full, reduced = timings(task, [FULL, config], repeats)
+    return statistics.median(p.seconds for p in full) / statistics.median(p.seconds for p in reduced)
+
+
+def compare(task: Task, configs: list[Config], repeats: int, bar) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per configuration (the first must be the full model, which every ratio is to), and
+    the notes: every warning on the way, once. bar: a rich progress bar (tokenfuse.api.progress)."""
+    if configs[0].method != "full":
+        raise ValueError("the first configuration must be the full model: every ratio is to it")
+    progress = bar.add_task(task.name, total=1 + len(configs) * (repeats + 1))
+    done = itertools.count()
+
+    def step(what: str) -> None:
+        bar.update(progress, description=what, completed=next(done))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        passes = timings(task, configs, repeats, step)
+        quality = []
+        for config, timed in zip(configs, passes, strict=True):
+            step(f"{task.name} quality: {config.label}")
+            quality.append(task.quality_pass(config, timed[0]))
+        step(f"{task.name}: done")
+        rows = [
+            {**task.head(config), **cost, **task.columns(config, q, quality[0])}
+            for config, cost, q in zip(
+                configs, costs(task.model, configs, passes, quality), quality, strict=True
+            )
+        ]
+    return rows, sorted({str(w.message) for w in caught})
+
+
+def costs(
+    model: nn.Module, configs: Sequence[Config], passes: list[list[Pass]], quality: list[Pass]
+) -> list[dict[str, Any]]:
+    """What each configuration is and what it costs, relative to the first (the full model)."""
+    hidden, inter = model.config.hidden_size, metrics.mlp_width(model.config)
+
+    def flops(p: Pass) -> float:
+        return metrics.encoder_flops(p.layer_tokens[..., 0], p.layer_tokens[..., 1], hidden, inter)
+
+    full_seconds = statistics.median(p.seconds for p in passes[0])
+    full_tokens, full_flops = quality[0].layer_tokens.mean(-1).sum(), flops(quality[0])
+    out = []
+    for config, timed, q in zip(configs, passes, quality, strict=True):
+        seconds = statistics.median(p.seconds for p in timed)
+        out.append(
+            {
+                "method": config.method,
+                "keep": config.keep,
+                "options": config.options,
+                "tokens": float(q.layer_tokens.mean(-1).sum() / full_tokens),
+                "flops": flops(q) / full_flops,
+                "speedup": full_seconds / seconds,
+                "seconds": seconds,
+                "scoring": statistics.median(p.scoring for p in timed),
+            }
+        )
+    return out
+
+
+def knn_column(key: str, features: np.ndarray, labels: np.ndarray, k: int) -> dict[str, float]:
+    """{key: leave-one-out k-NN accuracy}, or nothing, with a warning (the bench's note) saying why
+    it would mean nothing on these labels."""
+    problem = metrics.knn_problem(labels, k)
+    if problem is None:
+        return {key: metrics.knn_accuracy(features, labels, k)}
+    hint = "give more inputs (bench: --limit, calibrate: --holdout)"
+    warnings.warn(f"{key} left out: {problem}; {hint}", stacklevel=2)
+    return {}
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine, recorded with every result."""
+    import transformers
+
+    return {
+        "versions": {
+            "tokenfuse": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": torch.get_num_threads(),
+        },
+    }
