@@ -40,6 +40,7 @@ def tokens(model, pixels) -> torch.Tensor:
 
 
 @needs_package
+@pytest.mark.integration
 def test_matches_onnxruntime(model, pixels, tokens):
     ort = pytest.importorskip("onnxruntime")
     import onnx
@@ -59,6 +60,7 @@ def test_matches_onnxruntime(model, pixels, tokens):
 
 
 @needs_package
+@pytest.mark.integration
 def test_backbone_takes_a_batch(model, pixels, tokens):
     assert tokens.shape == (len(pixels), 257, 384)  # CLS + 16x16 patches, no register tokens
     with torch.no_grad():
