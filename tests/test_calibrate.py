@@ -109,6 +109,8 @@ def test_apply_takes_a_calibrated_configuration(tmp_path):
         tokenfuse.apply(model, config={"method": "tome"})
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_calibrate_command_end_to_end(tmp_path, capsys):
     out, results = tmp_path / "config.json", tmp_path / "results.json"
     args = ["calibrate", "--keep", "0.5", "--calib-size", "4", "--holdout", "8", "--time-limit", "3"]
@@ -207,6 +209,7 @@ def test_fit_temperature_undoes_overconfidence():
 @pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
 )
+@pytest.mark.integration
 def test_classifier_calibration_fits_a_temperature_that_apply_uses(tmp_path):
     out, results = tmp_path / "config.json", tmp_path / "results.json"
     args = ["calibrate", "--model", "fmnist-vit", "--keep", "0.5", "--fit-temperature", "--calib-size", "32"]

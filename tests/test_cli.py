@@ -2,9 +2,13 @@
 
 import json
 
+import pytest
+
 from tokenfuse import cli
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_bench_writes_json_rows_for_every_method_and_baseline(tmp_path, capsys):
     out = tmp_path / "r.json"
     code = cli.main(

@@ -7,6 +7,7 @@ import pytest
 from tokenfuse.assets import text as data
 
 
+@pytest.mark.integration
 def test_bbc_news_has_five_classes_in_a_fixed_order():
     full = data.bbc_news()
     assert len(full.texts) == 2225 and full.classes == [
@@ -21,12 +22,14 @@ def test_bbc_news_has_five_classes_in_a_fixed_order():
     assert len(set(first.labels)) > 2  # shuffled, not one class after another
 
 
+@pytest.mark.integration
 def test_lp50_has_1225_rated_pairs():
     lp = data.lp50()
     assert len(lp.texts) == 50 and lp.pairs.shape == (1225, 2) and lp.scores.shape == (1225,)
     assert lp.scores.min() >= 0 and lp.scores.max() <= 1 and (lp.pairs[:, 0] < lp.pairs[:, 1]).all()
 
 
+@pytest.mark.integration
 def test_minilm_is_packaged():
     assert (data.minilm_path() / "model.safetensors").is_file()
 

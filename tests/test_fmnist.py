@@ -38,6 +38,7 @@ def write_idx(folder, split, images, labels, gz=True):
 
 
 @needs_data
+@pytest.mark.integration
 def test_test_split_is_10000_balanced_images():
     images, labels = fmnist.load("test")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
@@ -100,11 +101,13 @@ def test_to_pixels_shape_and_normalization():
 
 
 @needs_data
+@pytest.mark.integration
 def test_to_pixels_standardizes_real_images():
     pixels = fmnist.to_pixels(fmnist.load("test", limit=2000)[0])
     assert abs(float(pixels.mean())) < 0.05 and abs(float(pixels.std()) - 1) < 0.05
 
 
+@pytest.mark.integration
 def test_committed_classifier_is_a_small_50_token_vit():
     files = sorted(f.name for f in fmnist.WEIGHTS_DIR.iterdir())
     assert files == ["TRAINING.md", "config.json", "model.safetensors"]
@@ -119,6 +122,7 @@ def test_committed_classifier_is_a_small_50_token_vit():
 
 
 @needs_data
+@pytest.mark.integration
 def test_committed_classifier_reaches_its_recorded_accuracy():
     model = fmnist.load_classifier()
     assert not model.training and model.config.num_labels == 10

@@ -101,10 +101,11 @@ def test_value_norms_decide_when_attention_is_equal():
 def test_same_decision_alone_and_in_a_padded_batch_and_nothing_asked_keeps_all():
     torch.manual_seed(2)
     logits = (torch.randn(2, 12) * 2).tolist()
-    together = kept(layer_input(logits, remove=[5, 0], real=[12, 7]))
-    alone = kept(layer_input([logits[0][:12]], remove=[5]))
-    assert together[0] == alone[0]
-    assert together[1] == set(range(7))  # remove 0: untouched although its neighbour is reduced
+    together = kept(layer_input(logits, remove=[5, 3], real=[12, 7]))  # the second padded by 5
+    alone = kept(layer_input([logits[1][:7]], remove=[3]))
+    assert together[1] == alone[0] and len(alone[0]) < 7
+    untouched = kept(layer_input(logits, remove=[5, 0], real=[12, 7]))
+    assert untouched[1] == set(range(7))  # remove 0: untouched although its neighbour is reduced
 
 
 def test_protected_tokens_are_never_dropped():

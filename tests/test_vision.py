@@ -64,6 +64,8 @@ def test_resize_baseline_matches_the_token_budget():
 
 
 @needs_assets
+@pytest.mark.integration
+@pytest.mark.slow
 def test_vision_bench_on_both_packaged_models(tmp_path, capsys):
     out = tmp_path / "v.json"
     args = ["bench", "--task", "vision", "--method", "tome,resize,transforming", "--keep", "0.5"]
