@@ -32,7 +32,7 @@ bench: .venv/.installed $(FMNIST)
 test: lint .venv/.installed .venv-core/.installed .venv-timm/.installed $(FMNIST) $(CHROMIUM)
 	.venv/bin/python -m pytest -q
 	.venv-core/bin/python -c "$(CORE_CHECK)"
-	.venv-timm/bin/python -m pytest -q tests/test_timm.py tests/test_contracts.py -k timm
+	.venv-timm/bin/python -m pytest -q tests -k timm
 
 ## the fast unit tests only (well under a minute): no packaged models or data, nothing slow
 quick: .venv/.installed

@@ -23,13 +23,25 @@ def ranks(key: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
     return order, rank
 
 
-def bipartite_merge(scores: Tensor, tokens: Tokens, remove: Tensor) -> Reduction:
+#: where survivors go after a merge: "original" keeps their order; "reference" lays them out as
+#: ToMe's reference code does, which changes how the next alternating split pairs them
+ORDERS = ("original", "reference")
+
+
+def check_order(order: str) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    return order
+
+
+def bipartite_merge(scores: Tensor, tokens: Tokens, remove: Tensor, order: str = "original") -> Reduction:
     """Merge the `remove[b]` A-tokens with the highest score into their best B-partner.
 
     scores: (B, ceil(N/2), floor(N/2)) between A and B tokens, higher = more alike. Padding and
     protected tokens are excluded on both sides, so each sequence is reduced exactly as it would
-    be alone, and at most one token per A-token is removed.
+    be alone, and at most one token per A-token is removed. order: one of ORDERS.
     """
+    check_order(order)
     movable = tokens.mask & ~tokens.protected
     a_ok, b_ok = alternate(movable)
     scores = scores.masked_fill(~(a_ok[:, :, None] & b_ok[:, None, :]), -torch.inf)
@@ -40,4 +52,25 @@ def bipartite_merge(scores: Tensor, tokens: Tokens, remove: Tensor) -> Reduction
     n = tokens.size.shape[1]
     dest = torch.arange(n, device=scores.device).expand(scores.shape[0], n).clone()
     dest[:, ::2] = torch.where(merged, 2 * partner + 1, dest[:, ::2])
-    return Reduction.hard(dest)
+    layout = reference_order(movable, tokens.protected, rank) if order == "reference" else None
+    return Reduction.hard(dest, layout)
+
+
+def reference_order(movable: Tensor, protected: Tensor, rank: Tensor) -> Tensor:
+    """(B, N) sort key of the layout ToMe's reference code leaves after a merge.
+
+    movable, protected: (B, N); rank: (B, ceil(N/2)) each A-token's rank by best score, best first.
+    The layout: the protected tokens that lead the sequence ([CLS], distillation, registers), the
+    unmerged A-tokens, the B-tokens, then the protected tokens that close it ([SEP]), each group in
+    current order; a protected token between movable ones stays in its A or B group. In a sequence
+    with no protected token the unmerged A-tokens stay in score order, best first, as the reference
+    code leaves them when a model has no [CLS].
+    """
+    B, N = movable.shape
+    position = torch.arange(N, device=rank.device).expand(B, N)
+    before = movable.cumsum(1) > 0
+    after = movable.flip(1).cumsum(1).flip(1) > 0
+    key = position + 2 * N
+    key[:, ::2] = N + torch.where(protected.any(-1, keepdim=True), position[:, ::2], rank)
+    key = torch.where(protected & ~before, position, key)
+    return torch.where(protected & before & ~after, position + 3 * N, key)

@@ -11,14 +11,15 @@ from .tokens import Reduction, Tokens
 def reduce(x: Tensor, tokens: Tokens, red: Reduction) -> tuple[Tensor, Tokens]:
     """Apply a reduction to features (B, N, C) and to the token state together.
 
-    Survivors are compacted to the front in their original order; padding follows. A survivor's
-    feature is the size-weighted (times feature_weight) average of the shares sent to it.
+    Survivors are compacted to the front, in their current order or by `red.order`; padding
+    follows. A survivor's feature is the size-weighted (times feature_weight) average of the shares
+    sent to it.
     """
     B, N, C = x.shape
     weight = red.weight * tokens.mask[..., None]  # padding never moves into a real token
     dest = red.dest.masked_fill(weight <= 0, -1)
     _check_protected(tokens, dest, weight)
-    survives, position, new_n = survivors(dest)
+    survives, position, new_n = survivors(dest, red.order)
     sum_into = gather_sum(flat_rows(dest, position, new_n), B * new_n)
 
     mass = weight * tokens.size[..., None]
@@ -38,14 +39,23 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction) -> tuple[Tensor, Tokens]:
     return out, Tokens(size=size, protected=protected[:, :new_n], source=source)
 
 
-def survivors(dest: Tensor) -> tuple[Tensor, Tensor, int]:
-    """dest (B, N, K) -> which tokens receive a share (B, N), each one's new position (B, N) when
-    survivors are compacted in order, and the longest survivor count (one host sync)."""
+def survivors(dest: Tensor, order: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    """dest (B, N, K), optional sort key order (B, N) -> which tokens receive a share (B, N), each
+    survivor's new position (B, N) when survivors are compacted in their current order (or by
+    increasing key, ties in current order), and the longest survivor count (one host sync)."""
     B, N, _ = dest.shape
     survives = torch.zeros(B, N + 1, dtype=torch.bool, device=dest.device)
     survives.scatter_(1, (dest + 1).flatten(1), True)
     survives = survives[:, 1:]
-    return survives, survives.cumsum(1) - 1, int(survives.sum(1).max())
+    new_n = int(survives.sum(1).max())
+    if order is None:
+        return survives, survives.cumsum(1) - 1, new_n
+    if order.shape != (B, N):
+        raise ValueError(f"a reduction's order must be one key per token, {(B, N)}, got {tuple(order.shape)}")
+    # survivors ahead of each token in key order; a non-survivor's position is never used
+    by_key = order.argsort(dim=1, stable=True)
+    ahead = survives.gather(1, by_key).cumsum(1) - 1
+    return survives, torch.empty_like(ahead).scatter_(1, by_key, ahead), new_n
 
 
 def flat_rows(dest: Tensor, position: Tensor, new_n: int) -> Tensor:

@@ -54,15 +54,19 @@ class Reduction:
     feature_weight: (B, N) optional extra weight of each token in the feature average, multiplied
         with its size and share, for methods that fuse by importance (EViT) rather than by size
         alone; a method that wants importance only divides by size itself.
-    A token survives iff some share is sent to it; survivors keep their original order.
+    order: (B, N) optional sort key that lays the survivors out by increasing key, ties in their
+        current order, for methods whose next decision depends on where tokens sit (ToMe's reference
+        layout); only the survivors' keys matter. Without it survivors keep their current order.
+    A token survives iff some share is sent to it.
     """
 
     dest: Tensor
     weight: Tensor
     feature_weight: Tensor | None = None
+    order: Tensor | None = None
 
     @classmethod
-    def hard(cls, dest: Tensor) -> Reduction:
+    def hard(cls, dest: Tensor, order: Tensor | None = None) -> Reduction:
         """Each token goes whole to one destination (itself if it survives); -1 drops it."""
         dest = dest[..., None]
-        return cls(dest=dest, weight=(dest >= 0).to(torch.float32))
+        return cls(dest=dest, weight=(dest >= 0).to(torch.float32), order=order)
