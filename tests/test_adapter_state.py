@@ -168,6 +168,7 @@ def test_a_deep_copy_reduces_on_its_own_and_removes_on_its_own(build, tokenizer,
     call(original, b)  # the original's forward leaves the copy's state alone
     assert torch.equal(tokenfuse.token_sizes(clone), sizes)
     tokenfuse.remove(clone)
+    assert not hook_owners(clone) and hook_owners(original) == {id(tokenfuse.patch_of(original))}
     assert torch.equal(call(clone, a), call(build(), a))  # the copy computes as before
     assert torch.equal(call(original, a), expected)  # the original still reduces
 
