@@ -84,10 +84,11 @@ def check_reach(keep: float, num_layers: int, at_embeddings: bool = True, max_re
     reduction point cannot reach on num_layers layers (see `least_work`)."""
     least = least_work(num_layers, at_embeddings, max_removal)
     if keep < 1.0 and keep <= least:
+        share = "up to all" if max_removal >= 1.0 else f"at most {max_removal:g}"
         points = "each reduction point" if at_embeddings else "each reduction point after an attention"
         raise ValueError(
-            f"keep {keep:.6g} is below what can be reached on {num_layers} layers removing at most "
-            f"{max_removal:g} of the tokens entering {points}: keep must be above {least:.6g}"
+            f"keep {keep:.6g} is below what can be reached on {num_layers} layers removing {share} of "
+            f"the tokens entering {points}: keep must be above {least:.6g}"
         )
 
 
