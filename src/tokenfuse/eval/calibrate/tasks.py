@@ -13,6 +13,7 @@ import numpy as np
 
 from ...api.progress import progress_bar
 from ...assets import text as data
+from ...core.config import model_record
 from .. import bench_text, bench_vision, measure, metrics
 from .run import Settings, calibrate_sets, calibrated_configs, config_of, results
 from .search import Candidate
@@ -121,5 +122,5 @@ def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         row["name"] = config.title
     closeness = "mean KL(full || reduced) of class distributions"
     result, config = results(found, rows, notes, s.record("fmnist"), closeness, seconds, "accuracy")
-    config.update(extra)
+    config.update(extra, model=model_record(model))  # a temperature is checked against it on apply
     return result, config
