@@ -18,9 +18,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..methods import Method
+from . import checks
 from .base import Patch, check_attention, first, replace_first, with_mask
+from .heads import weigh_pooling
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class VisionPatch(Patch):
             base = model.base_model
             heads = model.config.num_attention_heads
         layers = find_layers(base, family)
+        checks.check_vision(model, method, timm=family is TIMM)
         super().__init__(model, method, len(layers), heads, has_cls=True)
         self.family = family
         self.prefix = prefix_tokens(model)
@@ -146,6 +150,23 @@ class VisionPatch(Patch):
                 names = ("qkv",) if len(family.qkv) == 1 else "qkv"
                 for name, path in zip(names, family.qkv, strict=True):
                     self.hold(layer.get_submodule(path).register_forward_hook(self.keeper(name)))
+                if family is TIMM:
+                    self.hold(*self._keep_normed(layer.attn))
+        self.hold(*weigh_pooling(self, model, family is TIMM, self.prefix))
+
+    def _keep_normed(self, attn: nn.Module) -> list[RemovableHandle]:
+        """timm attention with qk_norm: the queries and keys it uses are the outputs (B, H, N, D) of
+        its q_norm and k_norm, kept in place of the projection's."""
+        hooks = []
+        for name in "qk":
+            norm, keep = getattr(attn, f"{name}_norm"), self.keeper(name)
+            if not isinstance(norm, nn.Identity):
+                hooks.append(
+                    norm.register_forward_hook(
+                        lambda m, a, out, k=keep: k(m, a, out.transpose(1, 2).flatten(2))
+                    )
+                )
+        return hooks
 
     def _embedded(self, module: nn.Module, args: tuple, out):
         x = first(out)
