@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..methods import Method
+from . import checks
 from .base import Forward, Patch, argument, check_attention, first, replace_first, with_mask
 
 
@@ -122,6 +123,7 @@ class TextPatch(Patch):
 
     def __init__(self, model: nn.Module, family: Family, method: Method, protect_ids: Sequence[int] = ()):
         check_attention(model)
+        checks.check_text(model)
         if "cls_attention" in method.needs and not family.has_cls:
             raise ValueError(
                 f"{method.name} scores tokens by [CLS] attention, and {family.name} models have no [CLS] "

@@ -22,9 +22,12 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..methods import Method
+from . import checks
 from .base import Forward, Patch, check_attention, first, replace_first, with_mask
+from .heads import weigh_pooling
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,11 @@ def find_layers(base: nn.Module, family: Family) -> nn.ModuleList | nn.Sequentia
 @dataclass(eq=False)
 class VisionForward(Forward):
     """pending: x' (reduced) and the unreduced shape, from the MLP's input to the block's output;
-    branch: m', the MLP branch's output on the reduced tokens."""
+    branch: m', the MLP branch's output on the reduced tokens; final: the tokens a pooling head reads."""
 
     pending: tuple[Tensor, torch.Size] | None = None
     branch: Tensor | None = None
+    final: Tensor | None = None  # the last norm's output, for a pooling head (adapters.heads)
 
 
 class VisionPatch(Patch):
@@ -143,6 +147,7 @@ class VisionPatch(Patch):
             base = model.base_model
             heads = model.config.num_attention_heads
         layers = find_layers(base, family)
+        checks.check_vision(model, method, timm=family is TIMM)
         super().__init__(model, method, len(layers), heads, has_cls=True)
         self.family = family
         self.prefix = prefix_tokens(model)
@@ -160,7 +165,23 @@ class VisionPatch(Patch):
                 names = ("qkv",) if len(family.qkv) == 1 else "qkv"
                 for name, path in zip(names, family.qkv, strict=True):
                     self.hold(layer.get_submodule(path).register_forward_hook(self.keeper(name)))
+                if family is TIMM:
+                    self.hold(*self._keep_normed(layer.attn))
         self.hold(layers[-1].register_forward_hook(self.close))
+        self.hold(*weigh_pooling(self, model, family is TIMM, self.prefix))
+
+    def _keep_normed(self, attn: nn.Module) -> list[RemovableHandle]:
+        """timm attention with qk_norm: the queries and keys it uses are the outputs (B, H, N, D) of
+        its q_norm and k_norm, kept in place of the projection's."""
+        return [
+            norm.register_forward_hook(partial(self._keep_head_major, name))
+            for name in "qk"
+            if not isinstance(norm := getattr(attn, f"{name}_norm"), nn.Identity)
+        ]
+
+    def _keep_head_major(self, name: str, module: nn.Module, args: tuple, out: Tensor) -> None:
+        """A q_norm / k_norm output (B, H, N, D), kept as the projection's layout (B, N, H * D)."""
+        self._keep(name, module, args, out.transpose(1, 2).flatten(2))
 
     def _embedded(self, module: nn.Module, args: tuple, out):
         fwd = self.open()

@@ -1,0 +1,98 @@
+"""What an adapter refuses before it patches: models that its hooks would run, but wrongly.
+
+Reduced tokens are fewer than the input's and each stands for `size` of them, with no position of
+its own. That is right for an encoder read through [CLS] or a size-weighted pool, and wrong for:
+  - heads with one output per input token (masked LM, token classification, question answering,
+    masked image modelling, dense backbones): they would return fewer positions than the input has;
+  - decoders (causal self-attention, cross-attention): the engine's mask is bidirectional;
+  - attention scored by relative distances (BERT's `relative_key`, `relative_key_query`): a merged
+    token's index is no longer a distance to anything;
+  - timm pooling that cannot be given the sizes, and, for methods that read attention, timm attention
+    layers other than `Attention` (whose q_norm / k_norm outputs the vision adapter reads in place
+    of the projection's, so qk_norm models are supported).
+Each refusal names what is wrong and what to do instead; nothing is patched.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from ..methods import Method
+
+#: heads that read one summary token ([CLS] pooler, [CLS] / distillation classifiers) or pool tokens
+#: with the sizes (adapters.heads); every other head class on a supported family is refused
+TEXT_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForNextSentencePrediction")
+VISION_HEADS = ("ForImageClassification", "ForImageClassificationWithTeacher")
+#: timm pooling (`global_pool`) the vision adapter computes correctly on reduced tokens
+TIMM_POOLS = ("", "token", "avg", "avgmax", "max", "map")
+
+
+def check_text(model: nn.Module) -> None:
+    """Hugging Face text encoders: a per-token head, a decoder or relative positions is refused.
+    (transformers 5 no longer implements BERT's relative positions and ignores the setting; a
+    checkpoint configured with them was trained with them, so it is refused all the same.)"""
+    config = model.config
+    _check_head(model, TEXT_HEADS, "a sequence classifier (e.g. BertForSequenceClassification)")
+    decoder = {k: getattr(config, k, False) for k in ("is_decoder", "add_cross_attention")}
+    if any(decoder.values()):
+        raise ValueError(
+            f"this {config.model_type} model is configured as a decoder "
+            f"({', '.join(f'{k}={v}' for k, v in decoder.items())}): "
+            "its causal or cross-attention mask would be replaced by the bidirectional mask of reduced "
+            "tokens; tokenfuse reduces encoders only: load the model with is_decoder=False"
+        )
+    kind = getattr(config, "position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise ValueError(
+            f"this model scores attention by relative positions (position_embedding_type={kind!r}): "
+            "merged tokens have no position, so those distances lose their meaning; tokenfuse supports "
+            "position_embedding_type='absolute' only (positions are added once, at the embeddings)"
+        )
+
+
+def check_vision(model: nn.Module, method: Method, timm: bool) -> None:
+    """Vision transformers: a dense head, an attention layer whose queries and keys are not the
+    captured ones, or a pooling that ignores sizes is refused."""
+    if not timm:
+        _check_head(model, VISION_HEADS, "an image classifier (e.g. ViTForImageClassification)")
+        return
+    pool = model.global_pool
+    if pool not in TIMM_POOLS:
+        raise ValueError(
+            f"timm pooling global_pool={pool!r} is computed over the tokens without their sizes or "
+            f"padding; tokenfuse supports {', '.join(repr(p) for p in TIMM_POOLS)}: build the model with "
+            "one of them, or pool `forward_features` yourself with tokenfuse.token_sizes"
+        )
+    attn_pool = model.attn_pool
+    if attn_pool is not None and "attn_mask" not in inspect.signature(attn_pool.forward).parameters:
+        raise ValueError(
+            f"this timm version's attention pooling ({type(attn_pool).__name__}) takes no attention mask, "
+            "so it would attend to reduced tokens without their sizes; upgrade timm, or build the model "
+            "with global_pool='token' or 'avg'"
+        )
+    if method.needs & method.ATTENTION_INPUTS:
+        kinds = sorted({type(block.attn).__name__ for block in model.blocks} - {"Attention"})
+        if kinds:
+            raise ValueError(
+                f"{method.name} reads each layer's attention, and this model's blocks use "
+                f"{', '.join(kinds)}, whose queries and keys are not those tokenfuse captures (it knows "
+                "timm's Attention); choose a method that reads no attention (see `tokenfuse methods`)"
+            )
+
+
+def _check_head(model: nn.Module, heads: tuple[str, ...], example: str) -> None:
+    """Hugging Face models: the base model, or a head that reads [CLS] or a pooled output."""
+    name = type(model).__name__
+    backbone = any(c.__name__ == "BackboneMixin" for c in type(model).__mro__)  # feature maps by position
+    if (model.base_model is model and not backbone) or name.endswith(heads):
+        return
+    base = "the base model (AutoModel)" if backbone else f"model.{model.base_model_prefix}"
+    raise TypeError(
+        f"{name} returns one output per input token (or reads the tokens by position), and after "
+        "reduction there are fewer tokens than inputs, each standing for several; tokenfuse does not "
+        f"patch it. Apply tokenfuse to {base} or to {example}; for per-token outputs, apply it to "
+        f"{base} with track_source=True and map the reduced tokens back with tokenfuse.to_grid "
+        "before the head"
+    )

@@ -1,0 +1,141 @@
+"""Vision heads that pool tokens, made to weigh each reduced token by the inputs it stands for.
+
+A head that averages the final tokens (timm `global_pool='avg'` / `'avgmax'`, Hugging Face
+`Dinov2ForImageClassification`'s mean of patch tokens) would count a token merged from ten patches
+once, and a padding slot (per-input budgets) as a token; `'max'` would see padding; timm's attention
+pooling (`'map'`) would attend without sizes or padding. Hooks only:
+  - the final tokens are kept as they leave the last norm;
+  - where the head receives the pooled vector, it is recomputed: the size-weighted mean (and the max
+    over real tokens) of the same tokens the host pooled, prefix tokens excluded as the host does;
+  - timm's attention pool gets the engine's attention mask (padding, log size when proportional).
+The host's own pooling of the kept tokens is recomputed first and must be what the head received,
+so tokens from another call are never substituted. While every token stands for itself the host's
+result is left untouched (keep 1.0 is bit-identical).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..core import attention_bias, pool_mean
+from .base import Patch, first, with_mask
+
+#: Hugging Face classifiers that concatenate [CLS] with the mean of the patch tokens
+HF_MEAN_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
+
+
+def weigh_pooling(patch: Patch, model: nn.Module, timm: bool, prefix: int) -> list[RemovableHandle]:
+    """Hooks that make the model's pooling head read sizes; none where the head reads [CLS]."""
+    if timm:
+        return _TimmPooling(patch, model).hooks()
+    if type(model).__name__ in HF_MEAN_HEADS:
+        return _HfMeanPooling(patch, model, prefix).hooks()
+    return []
+
+
+def pool(x: Tensor, size: Tensor | None, kind: str) -> Tensor:
+    """(B, C) the `kind` pooling ('avg', 'max', 'avgmax') of tokens x (B, N, C); weighted by size
+    (B, N) with padding (size 0) left out, or, with size None, as the host computes it."""
+    if size is None:
+        mean, most = x.mean(1), x.amax(1)
+    else:
+        mean = pool_mean(x, size)
+        most = x.masked_fill(size[..., None] <= 0, torch.finfo(x.dtype).min).amax(1)
+    return {"avg": mean, "max": most, "avgmax": 0.5 * (most + mean)}[kind]
+
+
+class _Pooling:
+    """Hooks on one model's pooling head. The final tokens are kept on the calling thread's last
+    forward (`VisionForward.final`), never on this object, so concurrent calls do not mix; the hooks
+    are bound methods, so deepcopy and pickle carry them to the copy's own patch."""
+
+    def __init__(self, patch: Patch):
+        self.patch = patch
+
+    def keep(self, module: nn.Module, args: tuple, out) -> None:
+        fwd = self.patch.last
+        if fwd is not None:
+            fwd.final = first(out)
+
+    def tokens(self, skip: int) -> tuple[Tensor, Tensor] | None:
+        """(tokens (B, N, C), sizes (B, N)) after the first `skip`, or None while nothing was reduced."""
+        fwd = self.patch.last
+        x = None if fwd is None else fwd.final
+        size = None if fwd is None else fwd.tokens.size
+        if x is None or x.shape[:2] != size.shape:
+            raise RuntimeError(
+                "the pooling head got tokens that are not the patched model's last forward output; "
+                "call the model (or forward_features) on the images before its head"
+            )
+        if bool((size == 1).all()):
+            return None
+        return x[:, skip:], size[:, skip:]
+
+    def repool(self, pooled: Tensor, skip: int, kind: str) -> Tensor | None:
+        """The size-weighted pooling in place of the host's `pooled` (B, C), None if unchanged."""
+        found = self.tokens(skip)
+        if found is None:
+            return None
+        x, size = found
+        if not torch.equal(pool(x, None, kind), pooled):
+            raise RuntimeError(
+                "the pooling head's input is not the pooling of the patched model's last output; "
+                "call the model (or forward_features) on the images before its head"
+            )
+        return pool(x, size, kind)
+
+
+class _TimmPooling(_Pooling):
+    """timm VisionTransformer: `pool` runs between `norm` and `fc_norm`, and `attn_pool` ('map')."""
+
+    def __init__(self, patch: Patch, model: nn.Module):
+        super().__init__(patch)
+        self.model = model
+
+    def hooks(self) -> list[RemovableHandle]:
+        model = self.model
+        handles = [
+            model.norm.register_forward_hook(self.keep),
+            model.fc_norm.register_forward_pre_hook(self.before_fc_norm),
+        ]
+        if model.attn_pool is not None:
+            handles.append(model.attn_pool.register_forward_pre_hook(self.before_attn_pool, with_kwargs=True))
+        return handles
+
+    def skip(self) -> int:
+        return 0 if self.model.pool_include_prefix else self.model.num_prefix_tokens
+
+    def before_fc_norm(self, module: nn.Module, args: tuple):
+        model = self.model
+        if model.global_pool not in ("avg", "avgmax", "max") or model.attn_pool is not None:
+            return None
+        pooled = self.repool(args[0], self.skip(), model.global_pool)
+        return None if pooled is None else (pooled, *args[1:])
+
+    def before_attn_pool(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.tokens(0) is None:
+            return None
+        patch = self.patch
+        bias = attention_bias(patch.tokens, args[0].dtype, patch.method.prop_attn)[..., self.skip() :]
+        return with_mask(args, kwargs, "attn_mask", bias)
+
+
+class _HfMeanPooling(_Pooling):
+    """The classifier's input is [CLS] (B, C) next to the mean of the patch tokens (B, C)."""
+
+    def __init__(self, patch: Patch, model: nn.Module, prefix: int):
+        super().__init__(patch)
+        self.model, self.prefix = model, prefix
+
+    def hooks(self) -> list[RemovableHandle]:
+        return [
+            self.model.base_model.layernorm.register_forward_hook(self.keep),
+            self.model.classifier.register_forward_pre_hook(self.before_classifier),
+        ]
+
+    def before_classifier(self, module: nn.Module, args: tuple):
+        cls, mean = args[0].chunk(2, dim=-1)
+        pooled = self.repool(mean, self.prefix, "avg")
+        return None if pooled is None else (torch.cat([cls, pooled], dim=-1), *args[1:])
