@@ -149,9 +149,11 @@ def test_a_direct_forward_call_reduces_like_a_module_call_on_vision(build):
 
 
 def hook_owners(model) -> set[int]:
-    """ids of the objects that the hooks of every module are bound to."""
+    """ids of the patches that the hooks of every module are bound to (directly, or through a
+    pooling head's hooks, which hold their patch)."""
     hooks = [h for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values()]
-    return {id((h.func if isinstance(h, partial) else h).__self__) for h in hooks}
+    owners = [(h.func if isinstance(h, partial) else h).__self__ for h in hooks]
+    return {id(getattr(owner, "patch", owner)) for owner in owners}
 
 
 @pytest.mark.parametrize("build", BUILDS)
