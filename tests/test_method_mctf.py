@@ -187,3 +187,70 @@ def test_needs_and_options():
 def test_bad_options_are_rejected(options):
     with pytest.raises(ValueError, match=next(iter(options))):
         make("mctf", **options)
+
+
+def reference_fusion(x, attn, size, dest):
+    """The reference code's fusion by attention (its pooling_type=1) for one sequence: each token
+    counts by the attention it receives times its size over the largest size, features summed
+    into their destination and divided by the summed weights. Returns {destination: feature}."""
+    w = attn * (size / size.max())
+    out = {}
+    for d in sorted(set(dest)):
+        members = [i for i, e in enumerate(dest) if e == d]
+        out[d] = sum(x[i] * w[i] for i in members) / sum(w[i] for i in members)
+    return out
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_attention_fusion_is_the_attention_times_size_weighted_average(bidirectional):
+    torch.manual_seed(3)
+    n, heads, dim = 10, 2, 4
+    x = torch.randn(1, n, 8)
+    q, k = torch.randn(2, 1, heads, n, dim).unbind(0)
+    sizes = torch.randint(1, 4, (1, n)).float()
+    inp = layer(x, q, k, sizes=sizes.tolist(), remove=[4])
+    # attention received, from the layer's softmax with log size on the logits (proportional attention)
+    logits = q @ k.transpose(-1, -2) / dim**0.5 + sizes.log()[:, None, None, :]
+    attn = logits.softmax(-1).mean(dim=(1, 2))[0]
+    options = dict(bidirectional=bidirectional, queries=n)
+    red = make("mctf", fusion="attention", **options).decide(inp)
+    dest = red.dest[0, :, 0].tolist()
+    assert dest == make("mctf", **options).decide(inp).dest[0, :, 0].tolist()  # same groups as by size
+    fused, after = reduce(x, inp.tokens, red)
+    expected = reference_fusion(x[0], attn, sizes[0], dest)
+    assert groups(red.dest[0, :, 0])  # something was fused
+    assert torch.allclose(fused[0], torch.stack([expected[d] for d in sorted(expected)]), atol=1e-5)
+    assert after.size.sum() == sizes.sum()  # sizes still add up as counts, not weights
+    by_size, _ = reduce(x, inp.tokens, make("mctf", **options).decide(inp))
+    assert not torch.allclose(fused, by_size, atol=1e-3)  # and it is not the size-weighted average
+
+
+def test_attention_fusion_survives_half_precision_when_a_group_is_barely_attended():
+    # tokens 2 and 5 receive about e^-30 of what the others do: in float16 their weights would
+    # round to 0 and their fused feature to 0, unless scaled per group
+    order = [30.0, 30.0, 0.0, 30.0, 30.0, 0.0, 30.0, 30.0]
+    q, k = graded_attention(order, 8)
+    x = torch.ones(1, 8, 4, dtype=torch.float16)
+    x[0, 2], x[0, 5] = 2.0, 4.0
+    inp = layer(x, q.half(), k.half(), remove=[1], prop_attn=False)
+    red = make("mctf", fusion="attention").decide(inp)
+    assert groups(red.dest[0, :, 0]) == [{2, 5}]
+    fused, _ = reduce(x, inp.tokens, red)
+    assert torch.allclose(fused[0, 2].float(), torch.full((4,), 3.0))  # equal attention: the mean
+
+
+def test_group_scaling_keeps_each_groups_ratios_and_gives_it_a_member_of_weight_one():
+    from tokenfuse.methods.mctf import group_scaled
+
+    weight = torch.tensor([[1e-30, 0.2, 3e-30, 0.4, 0.5, 7.0]])
+    dest = torch.tensor([[2, 3, 2, 3, 4, 5]])
+    mask = torch.tensor([[True] * 5 + [False]])
+    scaled = group_scaled(weight, dest, mask)
+    assert torch.allclose(scaled, torch.tensor([[1 / 3, 0.5, 1.0, 1.0, 1.0, 1.0]]))
+
+
+def test_attention_fusion_reads_attention_even_without_informativeness():
+    assert make("mctf", tau_info=0, fusion="attention").needs == {"hidden", "attention"}
+    assert make("mctf", fusion="attention").options()["fusion"] == "attention"
+    with pytest.raises(ValueError, match="fusion"):
+        make("mctf", fusion="max")

@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tokenfuse
 from tokenfuse.core import Tokens, reduce
+from tokenfuse.core import schedule as sched
 from tokenfuse.methods import LayerInput, make
-from tokenfuse.methods.pitome import depth_margin, energy
+from tokenfuse.methods.pitome import depth_margin, energy, layer_schedule
 
 
 def layer(x, remove, real=None, point=1, num_layers=6, **options):
@@ -131,6 +133,13 @@ def test_margin_follows_depth():
         {"margin": True},
         {"alpha": 0},
         {"references": 0},
+        {"kernel": "cosine"},
+        {"split": "random"},
+        {"margin_drop": -0.1},
+        {"margin_drop": 2.0},
+        {"layers": 0},
+        {"layers": 1.5},
+        {"layers": True},
     ],
 )
 def test_bad_options_are_refused(options):
@@ -147,6 +156,10 @@ def test_options_are_recorded():
         "margin": 0.4,
         "alpha": 2.0,
         "references": 64,
+        "kernel": "elu",
+        "split": "alternate",
+        "margin_drop": 0.9,
+        "layers": None,
     }
     assert make("pitome").options()["margin"] is None
 
@@ -186,3 +199,132 @@ def test_energy_from_references_is_exact_for_short_sequences_and_keeps_isolated_
     x = torch.cat([base[None], cluster[:30], odd[None], cluster[30:], base[None]])[None]
     dest, _ = layer(x, [20], point=2, references=8)
     assert dest[0, 31] == 31  # the isolated token stays while the cluster merges
+
+
+def test_gaussian_energy_of_a_hand_made_set():
+    # three unit vectors: cos(0, 1) = 0.8, cos(0, 2) = 0, cos(1, 2) = 0.6
+    metric = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])[None]
+    sim = metric @ metric.transpose(1, 2)
+    movable = torch.ones(1, 3, dtype=torch.bool)
+    margin = 0.75
+    sigma = 0.25
+
+    def g(cos):
+        return math.exp(-0.5 * ((1 - cos) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+
+    expected = [(g(1) + g(0.8) + g(0)) / 3, (g(0.8) + g(1) + g(0.6)) / 3, (g(0) + g(0.6) + g(1)) / 3]
+    got = energy(sim.clone(), movable, margin, kernel="gaussian")[0]
+    assert torch.allclose(got, torch.tensor(expected))
+    assert got.argmax() == 1  # the token between the two others is the most alike to the rest
+
+
+def text_reference(x, ratio_r, margin):
+    """The authors' text merge (pitome_text) for one unpadded sequence with a [CLS] at 0, written
+    out from its formulas: Gaussian energy over all tokens but [CLS], the 2r highest are candidates,
+    the r highest A, the next r B, each A into its most similar B. Returns dest over positions."""
+    metric = F.normalize(x[1:], dim=-1)
+    sim = metric @ metric.T
+    sigma = 1 - margin
+    energy_score = torch.exp(-(((1 - sim) / sigma) ** 2 * 0.5)).mean(-1) / (sigma * math.sqrt(2 * math.pi))
+    indices = torch.argsort(energy_score, descending=True)
+    a_idx, b_idx = indices[:ratio_r], indices[ratio_r : 2 * ratio_r]
+    dst = sim[a_idx][:, b_idx].argmax(-1)
+    dest = list(range(x.shape[0]))
+    for a, d in zip(a_idx.tolist(), dst.tolist(), strict=True):
+        dest[a + 1] = int(b_idx[d]) + 1
+    return dest
+
+
+@pytest.mark.parametrize("point", [1, 2, 3])
+@pytest.mark.parametrize("remove", [1, 4, 7])
+def test_text_form_matches_the_authors_text_merge(point, remove):
+    g = torch.Generator().manual_seed(point * 10 + remove)
+    x = torch.randn(1, 16, 8, generator=g)
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    protected = torch.zeros_like(mask)
+    protected[0, 0] = True  # [CLS] alone, as in the reference
+    tokens = Tokens.start(mask, protected)
+    inp = LayerInput(point=point, x=x, tokens=tokens, remove=torch.tensor([remove]), num_layers=6)
+    options = dict(kernel="gaussian", split="halves", margin_drop=0.25, references=None)
+    got = make("pitome", **options).decide(inp).dest[0, :, 0]
+    # the reference's margins: 0.9 - 0.25 * i / L for layer i, reduced after layer i's attention
+    margins = [0.9 - 0.25 * (i / 6) for i in range(6)]
+    assert got.tolist() == text_reference(x[0], remove, margins[point - 1])
+
+
+def test_halves_split_merges_the_k_highest_into_the_next_k():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 14, 6, generator=g)
+    dest, tokens = layer(x, [4, 2], real=[14, 9], point=2, split="halves")
+    metric = F.normalize(x, dim=-1)
+    for b, k in enumerate((4, 2)):
+        movable = tokens.mask[b : b + 1] & ~tokens.protected[b : b + 1]
+        sim = metric[b : b + 1] @ metric[b : b + 1].transpose(1, 2)
+        score = energy(sim.clone(), movable, depth_margin(2, 6))[0]
+        order = score.argsort(descending=True, stable=True)
+        a, bb = order[:k], order[k : 2 * k]
+        assert moved(dest[b]).nonzero()[:, 0].tolist() == sorted(a.tolist())
+        assert dest[b, a].tolist() == bb[sim[0][a][:, bb].argmax(-1)].tolist()
+    assert torch.equal(dest[1, 9:], torch.arange(9, 14))
+    alone, _ = layer(x[1:, :9], [2], point=2, split="halves")
+    assert torch.equal(alone[0], dest[1, :9])
+
+
+def test_margin_drop_sets_how_far_the_depth_margin_falls():
+    for point in range(1, 7):
+        assert depth_margin(point, 6, 0.25) == pytest.approx(0.9 - 0.25 * (point - 1) / 6)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 14, 6, generator=g)
+    slow, _ = layer(x, [4], point=6, margin_drop=0.25)
+    fixed, _ = layer(x, [4], point=6, margin=0.9 - 0.25 * 5 / 6)
+    assert torch.equal(slow, fixed)
+
+
+def test_layers_reduce_only_after_the_chosen_layers_attention():
+    first = layer_schedule(0.5, 6, 3)
+    assert first[0] == 1.0 and first[4:] == [first[3]] * 3 and first[3] < first[2] < first[1] < 1.0
+    last = layer_schedule(0.9, 6, -2)
+    assert last[:5] == [1.0] * 5 and last[6] < last[5] < 1.0
+    for schedule, keep in ((first, 0.5), (last, 0.9)):
+        assert sched.work(schedule) == pytest.approx(keep)
+    ratios = [first[p + 1] / first[p] for p in range(3)]
+    assert ratios == pytest.approx([ratios[0]] * 3)  # each reducing layer keeps the same share
+    with pytest.raises(ValueError, match="layers=-3"):
+        layer_schedule(0.5, 6, -3)  # the last three layers alone cannot halve the work
+    with pytest.raises(ValueError, match="at most half"):
+        layer_schedule(0.25, 6, 3)  # it would take merging more than half the tokens at a point
+    assert layer_schedule(0.3, 6, 3)[1] >= 0.5
+    with pytest.raises(ValueError, match="has 6 layers"):
+        make("pitome", layers=7).schedule_for(6)
+    assert make("pitome", keep=0.5, layers=3).schedule_for(6) == first
+    given = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    assert make("pitome", layers=3, schedule=given).schedule_for(6) == given
+
+
+def test_layers_three_is_where_the_authors_text_code_reduces():
+    # its per-layer ratios: `ratio` at list indices L-3..L-1, taken by pop() as layers 0, 1, 2 run
+    num_layers = 6
+    last3 = (num_layers - 1, num_layers - 2, num_layers - 3)
+    listed = [0.7 if i in last3 else 1.0 for i in range(num_layers)]
+    reducing = [i for i in range(num_layers) if listed.pop() < 1.0]
+    assert reducing == [0, 1, 2]
+    schedule = layer_schedule(0.6, num_layers, 3)
+    assert [i for i in range(num_layers) if schedule[i + 1] < schedule[i]] == reducing
+
+
+def test_on_a_model_only_the_chosen_layers_reduce(tokenizer, texts):
+    from conftest import tiny_bert
+
+    model = tokenfuse.apply(tiny_bert(layers=4), "pitome", keep=0.85, layers=-2)
+    inputs = tokenizer(texts[2:3], return_tensors="pt")
+    with torch.inference_mode():
+        model(**inputs)
+    trace = tokenfuse.patch_of(model).layer_tokens()[:, :, 0].tolist()
+    n0 = int(inputs["attention_mask"].sum())
+    assert trace[0] == trace[1] == [n0, n0]  # layers 0 and 1 untouched
+    assert trace[2][0] == n0 and trace[2][1] < n0 and trace[3][1] < trace[3][0] == trace[2][1]
+
+
+def test_gaussian_kernel_has_no_alpha():
+    with pytest.raises(ValueError, match="alpha"):
+        make("pitome", kernel="gaussian", alpha=2.0)

@@ -37,6 +37,8 @@ from ..core.matching import alternate, bipartite_merge, ranks
 from .base import LayerInput, Method
 from .registry import register
 
+FUSIONS = ("size", "attention")  # how a merge group's features are averaged
+
 
 def attention_received(inp: LayerInput, queries: int) -> Tensor:
     """(B, N) attention each token receives, averaged over heads and over at most `queries` queries
@@ -54,6 +56,15 @@ def attention_received(inp: LayerInput, queries: int) -> Tensor:
     return (weight[:, None, :] @ probs)[:, 0].float()
 
 
+def group_scaled(weight: Tensor, dest: Tensor, mask: Tensor) -> Tensor:
+    """(B, N) positive `weight` divided by the largest weight in each token's merge group (dest, B x N:
+    the position each token goes to), 1 on padding: the weighted average of every group is the
+    same, and each group has a member of weight 1, so its total stays representable in half
+    precision however little attention the group received."""
+    top = torch.zeros_like(weight).scatter_reduce_(1, dest, weight, "amax", include_self=False)
+    return torch.where(mask, weight / top.gather(1, dest), 1.0)
+
+
 @register
 class MCTF(Method):
     name = "mctf"
@@ -69,6 +80,7 @@ class MCTF(Method):
         tau_size: float = 40.0,
         bidirectional: bool = True,
         queries: int = 8,
+        fusion: str = "size",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -80,10 +92,14 @@ class MCTF(Method):
             raise ValueError(f"bidirectional must be true or false, got {bidirectional!r}")
         if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
             raise ValueError(f"queries must be a positive integer, got {queries!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
         self.tau_sim, self.tau_info, self.tau_size = float(tau_sim), float(tau_info), float(tau_size)
         self.bidirectional = bidirectional
         self.queries = queries
-        self.needs = frozenset({"hidden", "attention"} if self.tau_info > 0 else {"hidden"})
+        self.fusion = fusion
+        reads_attention = self.tau_info > 0 or fusion == "attention"
+        self.needs = frozenset({"hidden", "attention"} if reads_attention else {"hidden"})
         # Both directions can merge all but one movable token; A into B alone one per A-token.
         self.max_removal = 1.0 if bidirectional else 0.5
 
@@ -93,8 +109,11 @@ class MCTF(Method):
         # Per token: (1 / attention received)^(1 / tau_info) * (1 / size)^(1 / tau_size); a pair
         # scores the product of its two tokens' factors and its similarity term.
         factor = torch.ones_like(tokens.size)
+        received = None
+        if "attention" in self.needs:
+            received = attention_received(inp, self.queries).clamp_min(tiny)
         if self.tau_info > 0:
-            factor = factor * attention_received(inp, self.queries).clamp_min(tiny) ** (-1 / self.tau_info)
+            factor = factor * received ** (-1 / self.tau_info)
         if self.tau_size > 0:
             factor = factor * tokens.size.clamp_min(tiny) ** (-1 / self.tau_size)
         fa, fb = alternate(factor)
@@ -134,7 +153,10 @@ class MCTF(Method):
             dest[:, 1::2] = torch.where(moved, 2 * partner, dest[:, 1::2])
             # An A-token merged into a B-token that moved on follows it (its new home stays put).
             dest = dest.gather(1, dest)
-        return Reduction.hard(dest)
+        red = Reduction.hard(dest)
+        if self.fusion == "size":
+            return red
+        return Reduction(red.dest, red.weight, group_scaled(received, dest, tokens.mask))
 
     def options(self) -> dict[str, Any]:
         return {
@@ -144,4 +166,5 @@ class MCTF(Method):
             "tau_size": self.tau_size,
             "bidirectional": self.bidirectional,
             "queries": self.queries,
+            "fusion": self.fusion,
         }

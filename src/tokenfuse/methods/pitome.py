@@ -19,6 +19,7 @@ O(N * 64 * D). `references=None` computes it over all tokens, as the paper does.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -26,25 +27,41 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import Reduction
+from ..core import schedule as sched
 from .base import LayerInput, Method
 from .registry import register
 
+KERNELS = ("elu", "gaussian")  # the energy's kernel: the paper's, or the authors' text code's
+SPLITS = ("alternate", "halves")  # how the 2k candidates form A and B
 
-def depth_margin(point: int, num_layers: int) -> float:
-    """The paper's margin 0.9 - 0.9 * l / L for the layer l whose attention precedes `point`: early
-    only near-duplicates count as neighbours, deeper ever looser clusters do."""
+
+def depth_margin(point: int, num_layers: int, drop: float = 0.9) -> float:
+    """The margin 0.9 - drop * l / L for the layer l whose attention precedes `point` (the paper:
+    drop 0.9; the authors' text code: 0.25): early only near-duplicates count as neighbours,
+    deeper ever looser clusters do."""
     layer = max(point - 1, 0)
-    return 0.9 - 0.9 * layer / max(num_layers, 1)
+    return 0.9 - drop * layer / max(num_layers, 1)
 
 
 def energy(
-    sim: Tensor, movable: Tensor, margin: float, alpha: float = 1.0, counted: Tensor | None = None
+    sim: Tensor,
+    movable: Tensor,
+    margin: float,
+    alpha: float = 1.0,
+    counted: Tensor | None = None,
+    kernel: str = "elu",
 ) -> Tensor:
-    """(B, N) energy of each token: mean of ELU(cos - margin) over the movable tokens of its own
-    sequence (or over the `counted` columns of `sim`, B x N x M, when it holds reference tokens);
-    -inf for the tokens that are not movable. Consumes `sim` as scratch."""
+    """(B, N) energy of each token: the mean over the movable tokens of its own sequence (or over
+    the `counted` columns of `sim`, B x N x M, when it holds reference tokens) of a kernel of the
+    cosine: ELU(cos - margin) (alpha below the margin), or the Gaussian density of 1 - cos with
+    sigma = 1 - margin; -inf for the tokens that are not movable. Consumes `sim` as scratch."""
     counted = movable if counted is None else counted
-    f = F.elu_(sim.sub_(margin), alpha=alpha).masked_fill_(~counted[:, None, :], 0.0)
+    if kernel == "elu":
+        f = F.elu_(sim.sub_(margin), alpha=alpha)
+    else:
+        sigma = 1.0 - margin
+        f = sim.sub_(1.0).div_(sigma).square_().mul_(-0.5).exp_().div_(sigma * math.sqrt(2 * math.pi))
+    f = f.masked_fill_(~counted[:, None, :], 0.0)
     score = f.sum(-1) / counted.sum(-1, keepdim=True).clamp_min(1)
     return score.masked_fill(~movable, -torch.inf)
 
@@ -61,6 +78,30 @@ def references(movable: Tensor, count: int) -> tuple[Tensor, Tensor]:
     return in_order.gather(1, rank), ok
 
 
+def layer_schedule(keep: float, num_layers: int, layers: int) -> list[float]:
+    """The geometric schedule (every reducing point keeps the same share of its tokens, the work is
+    `keep`) with reductions only after the attention of the first `layers` layers, or of the last
+    -`layers` when negative; the other points, the embeddings' included, are left alone."""
+    if abs(layers) > num_layers:
+        raise ValueError(f"layers={layers}, but the model has {num_layers} layers")
+    chosen = range(num_layers)[:layers] if layers > 0 else range(num_layers)[layers:]
+    points = {layer + 1 for layer in chosen}
+
+    def shape(q: float) -> list[float]:
+        return [q ** sum(1 for p in points if p <= point) for point in range(num_layers + 1)]
+
+    if keep == 1.0:
+        return shape(1.0)
+    if keep < sched.work(shape(0.5)):
+        raise ValueError(
+            f"keep {keep} is below what reducing in only {len(points)} of {num_layers} layers (layers="
+            f"{layers}) can reach, as each point merges at most half its tokens; raise keep or reduce "
+            "in more layers"
+        )
+    _, hi = sched.bracket(lambda q: sched.work(shape(q)), keep, 0.5, 1.0)
+    return shape(hi)
+
+
 @register
 class PiToMe(Method):
     name = "pitome"
@@ -69,15 +110,23 @@ class PiToMe(Method):
     max_removal = 0.5  # one token per A-token of the 2k candidates
 
     def __init__(
-        self, margin: float | None = None, alpha: float = 1.0, references: int | None = 64, **kwargs: Any
+        self,
+        margin: float | None = None,
+        alpha: float = 1.0,
+        references: int | None = 64,
+        kernel: str = "elu",
+        split: str = "alternate",
+        margin_drop: float = 0.9,
+        layers: int | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if margin is not None and (
             isinstance(margin, bool) or not isinstance(margin, int | float) or not -1.0 <= margin < 1.0
         ):
             raise ValueError(
-                "margin must be a cosine similarity in [-1, 1), or None for the paper's depth "
-                f"schedule; got {margin!r}"
+                "margin must be a cosine similarity in [-1, 1), or None for the depth schedule "
+                f"(see margin_drop); got {margin!r}"
             )
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
             raise ValueError(
@@ -87,31 +136,69 @@ class PiToMe(Method):
             isinstance(references, bool) or not isinstance(references, int) or references < 1
         ):
             raise ValueError(f"references must be a positive integer or None (all), got {references!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if kernel == "gaussian" and alpha != 1.0:
+            raise ValueError("alpha is the ELU kernel's scale; the gaussian kernel has none, leave it out")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if (
+            isinstance(margin_drop, bool)
+            or not isinstance(margin_drop, int | float)
+            or not 0.0 <= margin_drop < 1.9
+        ):
+            raise ValueError(
+                "margin_drop (how far the depth schedule's margin falls from 0.9) must be in [0, 1.9), "
+                f"so that the margin stays above -1; got {margin_drop!r}"
+            )
+        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers == 0):
+            raise ValueError(
+                "layers must be a nonzero integer (reduce after the first N layers' attention, or the "
+                f"last N when negative) or None (every point); got {layers!r}"
+            )
         self.margin = None if margin is None else float(margin)
         self.alpha = float(alpha)
         self.references = references
+        self.kernel = kernel
+        self.split = split
+        self.margin_drop = float(margin_drop)
+        self.layers = layers
+
+    def schedule_for(self, num_layers: int) -> list[float]:
+        if self.layers is None or self.schedule is not None:
+            return super().schedule_for(num_layers)
+        return layer_schedule(self.keep, num_layers, self.layers)
 
     def decide(self, inp: LayerInput) -> Reduction:
         movable = inp.tokens.mask & ~inp.tokens.protected
         metric = F.normalize(inp.x.float(), dim=-1)
-        margin = depth_margin(inp.point, inp.num_layers) if self.margin is None else self.margin
+        if self.margin is None:
+            margin = depth_margin(inp.point, inp.num_layers, self.margin_drop)
+        else:
+            margin = self.margin
         if self.references is None:
-            score = energy(metric @ metric.transpose(1, 2), movable, margin, self.alpha)
+            sim, counted = metric @ metric.transpose(1, 2), None
         else:
             at, counted = references(movable, self.references)
-            ref = metric.gather(1, at[..., None].expand(-1, -1, metric.shape[-1]))
-            score = energy(metric @ ref.transpose(1, 2), movable, margin, self.alpha, counted)
+            sim = metric @ metric.gather(1, at[..., None].expand(-1, -1, metric.shape[-1])).transpose(1, 2)
+        score = energy(sim, movable, margin, self.alpha, counted, self.kernel)
 
         # Rank by energy (stable: ties keep token order, whatever the padding); the 2k highest are
-        # the candidates, alternating A (ranks 0, 2, ...) and B (ranks 1, 3, ...).
+        # the candidates: alternating A (ranks 0, 2, ...) and B (ranks 1, 3, ...), or the k highest
+        # A and the next k B.
         order = score.argsort(dim=-1, descending=True, stable=True)
         k = torch.minimum(inp.remove, movable.sum(-1) // 2)
         positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
         top = int(k.max())
         if top == 0:
             return Reduction.hard(positions.clone())
-        a_idx, b_idx = order[:, 0 : 2 * top : 2], order[:, 1 : 2 * top : 2]
-        real = torch.arange(top, device=k.device) < k[:, None]  # pairs beyond a sequence's own k
+        slot = torch.arange(top, device=k.device)
+        real = slot < k[:, None]  # pairs beyond a sequence's own k
+        if self.split == "alternate":
+            a_idx, b_idx = order[:, 0 : 2 * top : 2], order[:, 1 : 2 * top : 2]
+        else:
+            a_idx = order[:, :top]
+            b_idx = order.gather(1, torch.where(real, k[:, None] + slot, 0))
 
         # Every A-token merges into its most similar B-token.
         rows = metric.gather(1, a_idx[..., None].expand(-1, -1, metric.shape[-1]))
@@ -127,4 +214,8 @@ class PiToMe(Method):
             "margin": self.margin,
             "alpha": self.alpha,
             "references": self.references,
+            "kernel": self.kernel,
+            "split": self.split,
+            "margin_drop": self.margin_drop,
+            "layers": self.layers,
         }
