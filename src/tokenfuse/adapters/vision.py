@@ -118,7 +118,7 @@ def find_layers(base: nn.Module, family: Family) -> nn.ModuleList | nn.Sequentia
         except AttributeError:
             raise TypeError(
                 f"{type(layers[0]).__name__} has no {path!r}: this library version lays out its blocks "
-                "differently from the one tokenfuse was tested with (transformers 5.x, timm 1.0)"
+                "differently from the one tokenfuse was tested with (transformers >= 5.18, timm 1.0)"
             ) from None
     return layers
 
