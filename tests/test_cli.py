@@ -1,10 +1,49 @@
-"""The command line: the bench's JSON and table, the methods list, errors."""
+"""The command line: the bench's JSON and table, the methods list, errors in one line before any
+long work, Ctrl-C."""
 
 import json
+import os
+from pathlib import Path
 
+import huggingface_hub
 import pytest
+from rich.table import Table
 
 from tokenfuse import cli
+from tokenfuse.assets import text as data
+from tokenfuse.cli.tables import methods_table
+from tokenfuse.eval import bench_text, calibrate, report
+from tokenfuse.eval.columns import text
+from tokenfuse.methods import available
+
+TEXT_RESULTS = Path(__file__).parent / "data" / "bench_minilm.json"
+TEXT_COLUMNS = {  # title -> key, as the text bench's table shows them
+    "method": "method",
+    "keep": "keep",
+    "tokens": "tokens",
+    "FLOPs": "flops",
+    "speedup": "speedup",
+    "scoring": "scoring",
+    "cosine": "cosine",
+    "BBC acc %": "bbc_knn_acc",
+    "LP50 r": "lp50_pearson",
+    "LP50 ρ": "lp50_spearman",
+}
+
+
+def printed_table(out: str) -> tuple[list[str], list[list[str]]]:
+    """The header and body cells of the one rich table printed to `out`."""
+    header = next(line for line in out.splitlines() if line.startswith("┃"))
+    body = [line for line in out.splitlines() if line.startswith("│")]
+    return [c.strip() for c in header.split("┃")[1:-1]], [
+        [c.strip() for c in b.split("│")[1:-1]] for b in body
+    ]
+
+
+def one_line_error(err: str) -> str:
+    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line, got: {err!r}"
+    assert err.startswith("error: ")
+    return err
 
 
 @pytest.mark.integration
@@ -35,34 +74,122 @@ def test_bench_writes_json_rows_for_every_method_and_baseline(tmp_path, capsys):
     rows = {r["method"]: r for r in results["rows"]}
     assert set(rows) == {"full", "tome", "truncation", "random"}
     for row in rows.values():
-        assert set(row) >= {
-            "method",
-            "keep",
-            "tokens",
-            "flops",
-            "speedup",
-            "cosine",
-            "lp50_pearson",
-            "lp50_spearman",
-        }
+        assert set(row) >= set(TEXT_COLUMNS.values()) - {"bbc_knn_acc"}
+        assert "bbc_knn_acc" not in row
     assert any(n.startswith("bbc_knn_acc left out") for n in results["notes"])  # 16 documents, 5 classes
     assert rows["full"]["tokens"] == 1.0 and rows["full"]["cosine"] > 0.9999
     for name in ("tome", "truncation", "random"):
         assert abs(rows[name]["tokens"] - 0.5) < 0.03 and rows[name]["flops"] < 0.6
         assert rows[name]["cosine"] < 1
-    table = capsys.readouterr().out
-    assert "tokenfuse bench" in table and "truncation" in table and "LP50" in table
+    header, body = printed_table(capsys.readouterr().out)  # the table says what the JSON holds
+    assert header == list(TEXT_COLUMNS)
+    assert body == [[text(key, row[key]) for key in TEXT_COLUMNS.values()] for row in results["rows"]]
 
 
-def test_methods_lists_papers(capsys):
+def test_methods_lists_every_method_with_its_paper_and_options(capsys):
     assert cli.main(["methods"]) == 0
-    assert "Token Merging" in capsys.readouterr().out
+    table = methods_table()
+    names, papers, _, options = (list(column.cells) for column in table.columns)
+    assert names == list(available()) and papers == [cls.paper for cls in available().values()]
+    assert all("keep=" in o for o in options)
+    assert "similarity='hidden'" in options[names.index("tome")]
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in names)
 
 
 def test_bad_input_gets_a_clear_error(capsys):
     assert cli.main(["bench", "--method", "tome,foo"]) == 2
-    assert "unknown method(s) foo" in capsys.readouterr().err
+    assert "unknown method(s) foo" in one_line_error(capsys.readouterr().err)
     assert cli.main(["bench", "--keep", "2"]) == 2
-    assert "keep must be" in capsys.readouterr().err
+    assert "keep must be" in one_line_error(capsys.readouterr().err)
     assert cli.main(["bench", "--data", "imdb"]) == 2
-    assert "unknown data set" in capsys.readouterr().err
+    assert "unknown data set" in one_line_error(capsys.readouterr().err)
+
+
+@pytest.fixture
+def no_long_work(monkeypatch):
+    """The long jobs of each command fail the test if they start."""
+
+    def started(*args, **kwargs):
+        raise AssertionError("the run started before its output path was checked")
+
+    monkeypatch.setattr(bench_text, "run", started)
+    monkeypatch.setattr(calibrate, "run_text", started)
+    monkeypatch.setattr(report, "write_report", started)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["bench", "--json", "{missing}/r.json"], "--json {missing}/r.json: folder {missing} does not exist"),
+        (["bench", "--json", "{tmp}"], "--json {tmp} is a folder; give a file name in it"),
+        (["calibrate", "--keep", "0.5", "--out", "{missing}/c.json"], "--out {missing}/c.json: folder"),
+        (["calibrate", "--keep", "0.5", "--json", "{missing}/r.json"], "--json {missing}/r.json: folder"),
+        (
+            ["report", str(TEXT_RESULTS), "-o", "{missing}/r.html"],
+            "-o {missing}/r.html: folder {missing} does",
+        ),
+    ],
+)
+def test_an_output_path_that_cannot_be_written_fails_before_the_run(
+    tmp_path, capsys, no_long_work, argv, expected
+):
+    paths = {"missing": tmp_path / "no" / "such", "tmp": tmp_path}
+    assert cli.main([a.format(**paths) for a in argv]) == 2
+    assert expected.format(**paths) in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "target"),
+    [
+        (["bench", "--no-progress"], (bench_text, "run")),
+        (["calibrate", "--keep", "0.5", "--no-progress"], (calibrate, "run_text")),
+        (["report", str(TEXT_RESULTS), "-o", "{tmp}/r.html"], (report, "write_report")),
+        (["methods"], (Table, "add_row")),
+    ],
+)
+def test_ctrl_c_ends_in_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch, argv, target):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(*target, interrupt)
+    try:
+        code = cli.main([a.format(tmp=tmp_path) for a in argv])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command line as a traceback")
+    assert code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def model_without_tokenizer(folder: Path) -> Path:
+    """MiniLM's config and weights, and nothing else."""
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(data.minilm_path() / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (
+            "/nonexistent",
+            "model '/nonexistent': no such folder, and not a packaged model (minilm) or a hub id",
+        ),
+        ("{tmp}/r.json", "model '{tmp}/r.json' is a file; give its folder"),
+        ("{tmp}", "model folder {tmp} has no config.json"),
+        ("{bare}", "model folder {bare} has no tokenizer files (none of tokenizer.json, vocab.txt"),
+        (
+            "tokenfuse-test/absent",
+            "could not load model 'tokenfuse-test/absent' from the Hugging Face hub (and it is no local "
+            "folder): We couldn't connect to 'https://huggingface.co' to load the files",
+        ),
+    ],
+)
+def test_a_model_that_cannot_be_loaded_is_one_clear_line(tmp_path, capsys, monkeypatch, model, expected):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "r.json").write_text("{}")
+    paths = {"tmp": tmp_path, "bare": model_without_tokenizer(tmp_path / "bare")}
+    assert cli.main(["bench", "--model", model.format(**paths), "--no-progress"]) == 2
+    assert expected.format(**paths) in one_line_error(capsys.readouterr().err)

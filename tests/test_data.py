@@ -1,6 +1,7 @@
 """Packaged assets: what they hold, and a clear error when a package is missing."""
 
 import importlib.util
+import json
 
 import pytest
 
@@ -42,3 +43,17 @@ def test_missing_package_is_named(monkeypatch, loader, package):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(data.MissingAsset, match=f"pip install {package}"):
         loader()
+
+
+def test_a_model_whose_pooling_embed_cannot_reproduce_is_refused_when_loaded(tmp_path):
+    folder = tmp_path / "minilm-weighted"
+    folder.mkdir()
+    for item in data.minilm_path().iterdir():
+        if item.is_file() and item.name != "modules.json":
+            (folder / item.name).symlink_to(item)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_mean_tokens": False, "pooling_mode_weightedmean_tokens": True})
+    )
+    with pytest.raises(ValueError, match="asks for weightedmean pooling; tokenfuse reproduces one of"):
+        data.load_text_model(str(folder))

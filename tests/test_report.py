@@ -4,6 +4,7 @@ real browser that draws the plot."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tokenfuse import cli
+from tokenfuse.cli.tables import result_tables
 from tokenfuse.eval import report
 
 DATA = Path(__file__).parent / "data"
@@ -69,6 +71,24 @@ def test_merging_two_files_puts_one_model_on_one_plot(tmp_path):
     assert page.count("<svg") == 1 and page.count("<h2>minilm</h2>") == 1
     assert "<th>file</th>" in page and str(TEXT) in page and str(CALIBRATE) in page
     assert "<td>calibrated</td>" in page and "<th>name</th>" not in page  # calibrate's name is the method
+
+
+def html_columns(table: str) -> dict[str, list[str]]:
+    """An HTML table's cells by column title."""
+    head, body = table.split("</thead>")
+    titles = [html.unescape(t) for t in re.findall(r"<th>(.*?)</th>", head)]
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", body)]
+    return {t: [html.unescape(r[i]) for r in rows] for i, t in enumerate(titles)}
+
+
+def test_html_tables_show_the_command_lines_columns_as_it_does():
+    """One definition of titles and formats serves both: each column of the terminal table is a
+    column of the page with the same cells ("1.27x", "4.1%")."""
+    (terminal,) = result_tables(json.loads(TEXT.read_text()))
+    page = html_columns(report.table(report.group([report.load(TEXT)])["minilm"]))
+    for column in terminal.columns:
+        assert page[str(column.header)] == list(column.cells), column.header
+    assert page["speedup"][1] == "1.27x" and page["options"][1] == ""  # other columns as they are
 
 
 def test_png_holds_one_panel_per_model(tmp_path):

@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_bert
@@ -37,8 +38,47 @@ def test_empty_and_non_text_input_is_refused(tokenizer):
         tokenfuse.embed(model, tokenizer, [3])
     with pytest.raises(ValueError, match="no texts"):
         tokenfuse.embed(model, tokenizer, [])
-    with pytest.raises(ValueError, match="pooling"):
-        tokenfuse.embed(model, tokenizer, ["fine"], pooling="max")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        tokenfuse.embed(model, tokenizer, ["fine"], pooling="weightedmean")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "expected"),
+    [
+        ({"max_length": 0}, ValueError, "max_length 0 leaves no room for text: .* adds 2 special tokens"),
+        ({"max_length": -5}, ValueError, "max_length -5 leaves no room"),
+        ({"max_length": 2}, ValueError, "max_length 2 leaves no room .* give at least 3"),
+        ({"max_length": 12.5}, TypeError, "max_length must be an int"),
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive int, got 0"),
+        ({"batch_size": -1}, ValueError, "batch_size must be a positive int, got -1"),
+        ({"batch_size": 2.0}, ValueError, "batch_size must be a positive int, got 2.0"),
+    ],
+)
+def test_sizes_that_cannot_work_are_refused(tokenizer, texts, arguments, error, expected):
+    with pytest.raises(error, match=expected):
+        tokenfuse.embed(tiny_bert(), tokenizer, texts, **arguments)
+
+
+def test_the_shortest_max_length_keeps_one_token_of_text(tokenizer, texts):
+    with pytest.warns(UserWarning, match="5 of 5 texts are longer than 3 tokens"):
+        out = tokenfuse.embed(tiny_bert(), tokenizer, texts, max_length=3)
+    assert out.shape == (5, 32) and torch.isfinite(out).all()
+
+
+def test_any_iterable_of_str_is_embedded_like_a_list(tokenizer, texts):
+    model = tiny_bert()
+    expected = tokenfuse.embed(model, tokenizer, texts)
+    assert torch.equal(tokenfuse.embed(model, tokenizer, (t for t in texts)), expected)
+    assert torch.equal(tokenfuse.embed(model, tokenizer, np.array(texts)), expected)
+    assert torch.allclose(
+        tokenfuse.embed(model, tokenizer, texts[1]), expected[1:2], atol=1e-5
+    )  # alone: no padding
+    with pytest.raises(TypeError, match="texts are bytes; decode them"):
+        tokenfuse.embed(model, tokenizer, texts[1].encode())
+    with pytest.raises(TypeError, match="texts must be a str or an iterable of str, got int"):
+        tokenfuse.embed(model, tokenizer, 3)
+    with pytest.raises(TypeError, match="text 0 is a ndarray"):
+        tokenfuse.embed(model, tokenizer, np.array([["a", "b"], ["c", "d"]]))
 
 
 def test_too_long_text_is_truncated_with_a_warning(tokenizer):
@@ -65,5 +105,7 @@ def test_prefix_feeds_the_first_tokens_and_keeps_special_tokens(tokenizer):
 def test_embed_works_on_a_reduced_model_with_progress(tokenizer, texts):
     model = tokenfuse.apply(tiny_bert(), "tome", keep=0.5)
     out = tokenfuse.embed(model, tokenizer, texts * 3, batch_size=2, progress=True)
-    assert out.shape == (15, 32)
-    assert torch.allclose(out[:5], out[5:10], atol=1e-5)
+    alone = torch.stack([tokenfuse.embed(model, tokenizer, [text])[0] for text in texts])
+    assert out.shape == (15, 32) and torch.allclose(out, alone.repeat(3, 1), atol=1e-5)  # batches, padding
+    full = tokenfuse.embed(tiny_bert(), tokenizer, texts)
+    assert ((out[:5] - full).norm(dim=1) > 0.1).all()  # reduced, not the full model

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..api.text import pooling_of
 from .packages import MissingAsset, package_dir
 
 
@@ -19,18 +20,74 @@ def minilm_path() -> Path:
 MODELS = {"minilm": minilm_path}
 
 
+TOKENIZER_FILES = (  # a tokenizer needs one: a whole fast tokenizer, or a vocabulary
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
 def load_text_model(name: str = "minilm"):
-    """A (model, tokenizer) pair: a packaged name, a local folder, or (with network) a hub id."""
+    """A (model, tokenizer) pair: a packaged name, a local folder, or a hub id (from the Hugging Face
+    cache when offline). A name that is none of these, a folder without tokenizer files (whose text
+    would all become [UNK]), a model that cannot be loaded, or a pooling that `embed` cannot
+    reproduce fail here, in one line, before any long work."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()
 
-    path = MODELS[name]() if name in MODELS else name
-    local = Path(path).is_dir()
-    model = AutoModel.from_pretrained(path, local_files_only=local).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    if name in MODELS:
+        path, local = MODELS[name](), True
+    else:
+        path = Path(name).expanduser()
+        local = path.is_dir()
+        if local:
+            _check_folder(path)
+        elif path.exists():
+            raise ValueError(f"model {name!r} is a file; give its folder (config.json, weights, tokenizer)")
+        else:
+            _check_hub_id(name)
+            path = name
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=local).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    except (OSError, ValueError) as e:  # transformers' errors run over several lines
+        where = "" if local else " from the Hugging Face hub (and it is no local folder)"
+        raise ValueError(f"could not load model {name!r}{where}: {_first_line(e)}") from None
+    pooling_of(model)  # a pooling `embed` cannot reproduce fails now, not after the first batch
     return model, tokenizer
+
+
+def _check_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model folder {folder} has no config.json; it is not a transformers model folder")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"model folder {folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+            "copy them from the model the weights came from"
+        )
+
+
+def _check_hub_id(name: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ValueError(
+            f"model {name!r}: no such folder, and not a packaged model ({', '.join(MODELS)}) or a hub id "
+            "(name or org/name)"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import columns
+
 BASELINES = ("full", "truncation", "resize")
 QUALITY = {  # model -> (row key, axis label); any other model is a text model
     "fmnist-vit": ("accuracy", "top-1 accuracy %"),
@@ -198,18 +200,22 @@ def as_method(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(entries: list[Entry]) -> str:
-    """Every column any row has, in the order first seen; the file too when rows come from several."""
+    """Every column any row has, in the order first seen; the file too when rows come from several.
+    The command line's columns keep its titles and formats (`columns`), others are shown as `cell`."""
     rows = [as_method(e.row) for e in entries]
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     several = len({e.file for e in entries}) > 1
-    head = ("<th>file</th>" if several else "") + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = ("<th>file</th>" if several else "") + "".join(
+        f"<th>{html.escape(columns.title(k))}</th>" for k in keys
+    )
     body = []
     for e, row in zip(entries, rows, strict=True):
         cells = [f"<td>{html.escape(e.file)}</td>"] if several else []
-        for c in columns:
-            value = row.get(c)
+        for k in keys:
+            value = row.get(k)
             kind = ' class="num"' if _number(value) else ""
-            cells.append(f"<td{kind}>{html.escape(cell(value))}</td>")
+            text = columns.text(k, value) if k in columns.BY_KEY else cell(value)
+            cells.append(f"<td{kind}>{html.escape(text)}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 

