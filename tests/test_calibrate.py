@@ -161,9 +161,19 @@ def tiny_text_model(tmp_path, tokenizer) -> Path:
     return folder
 
 
-def test_calibrate_to_a_speedup_corrects_keep_by_the_measured_speedup(tiny_text_model, tmp_path):
+def test_calibrate_to_a_speedup_corrects_keep_by_the_measured_speedup(tiny_text_model, tmp_path, monkeypatch):
     """--speedup S: a search at keep 1/S, its choice timed against the full model, keep scaled by
-    measured / S, a second search there; the configuration and its evaluation are at the second keep."""
+    measured / S, a second search there; the configuration and its evaluation are at the second keep.
+    The timing runs for real, but what it reports is scripted: a tiny model's speedup is all overhead
+    and load (0.56x was measured on a busy machine), which would make the corrected keep arbitrary."""
+    timed, scripted = [], iter([1.6, 1.9])
+
+    def speedup(*args, **kwargs):
+        timed.append(real(*args, **kwargs))
+        return next(scripted)
+
+    real = calibrate.run.measure.speedup
+    monkeypatch.setattr(calibrate.run.measure, "speedup", speedup)
     out, results = tmp_path / "config.json", tmp_path / "results.json"
     args = ["calibrate", "--model", str(tiny_text_model), "--speedup", "2", "--calib-size", "4"]
     args += ["--holdout", "6", "--time-limit", "1", "--method", "tome", "--max-length", "64"]
@@ -172,8 +182,9 @@ def test_calibrate_to_a_speedup_corrects_keep_by_the_measured_speedup(tiny_text_
     config = json.loads(out.read_text())
     found = config["found"]
     measured = found["speedup_measured_on_calibration"]
-    assert found["speedup_target"] == 2.0 and len(measured) == 2 and all(m > 0 for m in measured)
-    assert config["keep"] == pytest.approx(min(1.0, 0.5 * measured[0] / 2.0))
+    assert len(timed) == 2 and all(t > 0 for t in timed)
+    assert found["speedup_target"] == 2.0 and measured == [1.6, 1.9]
+    assert config["keep"] == pytest.approx(0.5 * 1.6 / 2.0)
     assert sched.work(config["schedule"]) == pytest.approx(config["keep"], abs=1e-6)
     evaluation = json.loads(results.read_text())
     assert evaluation["meta"]["arguments"]["keep"] == config["keep"]
