@@ -41,7 +41,7 @@ quick: .venv/.installed
 lint: .venv/.installed
 	.venv/bin/ruff check src tests
 	.venv/bin/ruff format --check src tests
-	.venv/bin/lint-imports --config pyproject.toml --no-cache
+	.venv/bin/lint-imports --no-cache  # reads its contracts from pyproject.toml
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
