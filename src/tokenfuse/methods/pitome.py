@@ -20,7 +20,7 @@ O(N * 64 * D). `references=None` computes it over all tokens, as the paper does.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,9 @@ from ..core import schedule as sched
 from .base import LayerInput, Method
 from .registry import register
 
-KERNELS = ("elu", "gaussian")  # the energy's kernel: the paper's, or the authors' text code's
-SPLITS = ("alternate", "halves")  # how the 2k candidates form A and B
+Kernel = Literal["elu", "gaussian"]  # the energy's kernel: the paper's, or the authors' text code's
+Split = Literal["alternate", "halves"]  # how the 2k candidates form A and B
+KERNELS, SPLITS = get_args(Kernel), get_args(Split)
 
 
 def depth_margin(point: int, num_layers: int, drop: float = 0.9) -> float:
@@ -49,7 +50,7 @@ def energy(
     margin: float,
     alpha: float = 1.0,
     counted: Tensor | None = None,
-    kernel: str = "elu",
+    kernel: Kernel = "elu",
 ) -> Tensor:
     """(B, N) energy of each token: the mean over the movable tokens of its own sequence (or over
     the `counted` columns of `sim`, B x N x M, when it holds reference tokens) of a kernel of the
@@ -113,8 +114,8 @@ class PiToMe(Method):
         margin: float | None = None,
         alpha: float = 1.0,
         references: int | None = 64,
-        kernel: str = "elu",
-        split: str = "alternate",
+        kernel: Kernel = "elu",
+        split: Split = "alternate",
         margin_drop: float = 0.9,
         layers: int | None = None,
         **kwargs: Any,
