@@ -13,7 +13,8 @@ difference is an option:
     B; "halves" (the text code): the k highest are A, the next k B.
   margin_drop: 0.9 (the paper, the default) or 0.25 (the text code).
   layers: None (the default) reduces at every point; N reduces only after the attention of the
-    first N layers, at a constant share per layer (-N: the last N). The text code reduces in three
+    first N layers, at a constant share per layer (-N: the last N); it shapes the schedule built
+    from keep, and an explicit schedule is used as given. The text code reduces in three
     layers: its ratio list names the last three, but pop() hands them out in reverse, so the first
     three layers reduce (as its comment says); layers=3.
 Measured on all-MiniLM-L6-v2 (400 BBC News documents; cosine of the mean-pooled embeddings to the full
