@@ -165,7 +165,7 @@ def test_needs_and_options():
     assert make("mctf", tau_info=0).needs == {"hidden"}  # no attention, so it may reduce at point 0
     opts = method.options()
     assert (opts["tau_sim"], opts["tau_info"], opts["tau_size"]) == (1.0, 20.0, 40.0)
-    assert opts["bidirectional"] is True and opts["queries"] == 8
+    assert opts["bidirectional"] is True and opts["queries"] == 8 and opts["fusion"] == "size"
     inp = layer(torch.randn(1, 6, 4), remove=[2])
     assert make("mctf", tau_info=0).decide(inp).dest.shape == (1, 6, 1)
     with pytest.raises(ValueError, match="no attention at reduction point"):

