@@ -14,13 +14,6 @@ FMNIST := /usr/share/datasets/fashion-mnist
 CHROMIUM := /usr/bin/chromium
 # a Debian package; apt-get's lists may be absent or stale on a fresh machine: update them if the install fails
 apt = $(SUDO) apt-get install -y -q $(1) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(1); }
-# the library imports and reduces tokens with torch alone
-CORE_CHECK := import torch, tokenfuse; from tokenfuse.methods import LayerInput, make; \
-	x = torch.randn(2, 8, 4); m = torch.ones(2, 8, dtype=torch.bool); t = tokenfuse.Tokens.start(m, ~m); \
-	red = make('tome').decide(LayerInput(point=0, x=x, tokens=t, remove=torch.tensor([2, 3]))); \
-	out, after = tokenfuse.reduce(x, t, red); \
-	assert out.shape == (2, 6, 4) and after.count.tolist() == [6, 5], after.count; \
-	print('tokenfuse imports and reduces with torch', torch.__version__, 'alone')
 
 .PHONY: bench test quick lint
 
@@ -31,7 +24,7 @@ bench: .venv/.installed $(FMNIST)
 ## every check CI runs: lint, the main suite, the torch-alone import, the timm adapter's tests
 test: lint .venv/.installed .venv-core/.installed .venv-timm/.installed $(FMNIST) $(CHROMIUM)
 	.venv/bin/python -m pytest -q
-	.venv-core/bin/python -W "ignore:Failed to initialize NumPy" -c "$(CORE_CHECK)"
+	.venv-core/bin/python scripts/torch_alone.py
 	.venv-timm/bin/python -m pytest -q tests -k timm
 
 ## the fast unit tests only (well under a minute): no packaged models or data, nothing slow; on their
