@@ -228,8 +228,8 @@ def _area_matrix(n_in: int, n_out: int) -> Tensor:
     return overlap / overlap.sum(1, keepdim=True)
 
 
-def preprocess(images: Tensor | np.ndarray) -> Tensor:
-    """`pixel_values` (B, 3, 224, 224) made as the package makes them (albumentations LongestMaxSize(224,
+def preprocess(images: Tensor | np.ndarray, size: int = SIZE) -> Tensor:
+    """`pixel_values` (B, 3, size, size) made as the package makes them (albumentations LongestMaxSize(224,
     INTER_AREA), centred zero PadIfNeeded, ImageNet Normalize), so maps match `Salency.get_heatmap`'s input.
 
     `images`: (B, H, W) grayscale, (B, 3, H, W) or (B, H, W, 3) RGB; integers in 0..255 (rounded after the
@@ -245,12 +245,12 @@ def preprocess(images: Tensor | np.ndarray) -> Tensor:
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected (B,H,W), (B,3,H,W) or (B,H,W,3) images, got {tuple(x.shape)}")
     height, width = x.shape[-2:]
-    scale = SIZE / max(height, width)
+    scale = size / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     x = _area_matrix(height, new_h) @ x @ _area_matrix(width, new_w).T
     x = x.round().clamp(0, 255) / 255 if integer else x
-    top, left = (SIZE - new_h) // 2, (SIZE - new_w) // 2
-    x = nn.functional.pad(x, (left, SIZE - new_w - left, top, SIZE - new_h - top))
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    x = nn.functional.pad(x, (left, size - new_w - left, top, size - new_h - top))
     mean = torch.tensor(MEAN, dtype=x.dtype)[:, None, None]
     std = torch.tensor(STD, dtype=x.dtype)[:, None, None]
     return ((x - mean) / std).float()

@@ -1,0 +1,155 @@
+"""What a visual-token operator is: a rule that, given a batch of visual tokens at one placement of a
+vision-language model, decides a `Reduction` (the same format, and the same engine, as every token
+method). The LLaVA adapter (tokenfuse.adapters.llava) gathers what the operator scores with, applies the
+reduction and rebuilds the sequence around it.
+
+Placements:
+- "boundary": once per image, between the vision tower and the projector. The tokens are the tower's
+  selected features (pre-projector, so the projector runs on fewer tokens and merges happen in the
+  encoder's feature space, where VisionZip, VTC-CLS and ToDRE define them).
+- "llm": inside the language model, before decoder layer `layer` (after layer - 1), on whole
+  sequences whose text tokens are protected; scored with that layer's rotary-embedded queries and keys,
+  computed for the needed rows only, so the host's SDPA attention stays on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from ...core import Reduction, Tokens
+from ...core.matching import ranks
+
+Placement = Literal["boundary", "llm"]
+
+
+@dataclass(frozen=True)
+class VisualInput:
+    """What an operator sees at its placement.
+
+    x: (B, N, C) the tokens about to be reduced: B images' tower features (boundary) or B sequences'
+        hidden states entering LLM layer `layer`.
+    tokens: their sizes (0 = padding) and protected set (every non-visual token).
+    visual: (B, N) the visual tokens (at the boundary, every real token).
+    keep: (B,) how many visual tokens each row keeps.
+    grid: (h, w) the patch grid of each image at the boundary, while it is whole; None otherwise.
+    layer: the LLM layer the reduced sequence enters next; None at the boundary.
+    The rest is present only when the operator's `needs` names it:
+    cls_attention: (B, N) the tower's [CLS] attention to each token at the selected layer, mean over
+        heads, softmax over [CLS] and the patches, [CLS] column dropped.
+    cls_attention_layers: (B, Lt, N) the same at every tower layer (Lt layers, input to output).
+    keys: (B, N, D) the selected tower layer's keys, mean over heads.
+    projected: (B, N, C') the features after the projector (the LLM's input space).
+    question: (B, Q, C') input embeddings of each row's question tokens; question_mask (B, Q).
+    text_attention: (B, Q, N) in the LLM: each question token's attention to every token, mean over
+        heads; rows padded where question_mask is False.
+    last_attention: (B, N) in the LLM: the last prompt token's attention to every token (FastV).
+    """
+
+    x: Tensor
+    tokens: Tokens
+    visual: Tensor
+    keep: Tensor
+    grid: tuple[int, int] | None = None
+    layer: int | None = None
+    cls_attention: Tensor | None = None
+    cls_attention_layers: Tensor | None = None
+    keys: Tensor | None = None
+    projected: Tensor | None = None
+    question: Tensor | None = None
+    question_mask: Tensor | None = None
+    text_attention: Tensor | None = None
+    last_attention: Tensor | None = None
+
+
+class VisualMethod:
+    """Base class. Subclasses set `name`, `paper`, `placement`, `needs` and implement `decide`."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    placement: ClassVar[Placement]
+    #: inputs `decide` reads (fields of VisualInput), computed only when named
+    needs: frozenset[str] = frozenset()
+    #: True for operators that drop tokens rather than merge them
+    prunes: ClassVar[bool] = False
+    BOUNDARY_INPUTS = frozenset({"cls_attention", "cls_attention_layers", "keys", "projected", "question"})
+    LLM_INPUTS = frozenset({"text_attention", "last_attention"})
+
+    def __init__(self, keep: float = 0.25, layer: int | None = None) -> None:
+        """keep: the fraction of each image's visual tokens kept (in the LLM: from `layer` on).
+        layer: (LLM placement) the decoder layer the reduced sequence enters; reduction happens after
+        layer - 1, so layers 0..layer-1 see every token."""
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], the fraction of visual tokens kept; got {keep}")
+        self.keep = float(keep)
+        wrong = self.needs - (self.BOUNDARY_INPUTS if self.placement == "boundary" else self.LLM_INPUTS)
+        if wrong:
+            raise TypeError(f"{self.name}: a {self.placement} operator cannot read {sorted(wrong)}")
+        if self.placement == "llm":
+            if layer is None or isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+                raise ValueError(
+                    f"{self.name}: layer must be an int >= 1 (the LLM layer entered reduced), got {layer}"
+                )
+        elif layer is not None:
+            raise ValueError(f"{self.name} reduces at the vision-to-LLM boundary and takes no layer")
+        self.layer = layer
+
+    def stages(self) -> list[tuple[int, float]]:
+        """(LLM layer entered reduced, fraction of the visual tokens kept from there on), in layer order:
+        one stage unless the operator prunes progressively. Boundary operators: no stages."""
+        return [] if self.placement == "boundary" else [(self.layer, self.keep)]
+
+    def counts(self, visual: Tensor, fraction: float | None = None) -> Tensor:
+        """(B,) visual tokens to keep per row from (B,) visual counts: ceil(fraction x count), at least
+        one where a row has any (LLaVA's 576 -> 64 is keep 0.111...)."""
+        fraction = self.keep if fraction is None else fraction
+        kept = torch.ceil(visual.double() * fraction - 1e-9).long()
+        return torch.where(visual > 0, kept.clamp_min(1), 0)
+
+    def pixels(self, pixel_values: Tensor, patch: int) -> Tensor | None:
+        """Operators that change the image (the `resize` baseline) return new pixel values; None keeps
+        them."""
+        return None
+
+    def decide(self, inp: VisualInput) -> Reduction:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"keep": self.keep}
+        return out if self.layer is None else out | {"layer": self.layer}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
+
+
+def top_keep(score: Tensor, inp: VisualInput) -> Tensor:
+    """(B, N) bool: each row's `inp.keep` visual tokens of highest score (ties to the earlier token);
+    non-visual tokens are never chosen."""
+    _, rank = ranks(score.masked_fill(~inp.visual, -math.inf), descending=True)
+    return (rank < inp.keep[:, None]) & inp.visual
+
+
+def prune_to(chosen: Tensor, inp: VisualInput) -> Reduction:
+    """The reduction that keeps the chosen visual tokens and every non-visual one, dropping the rest."""
+    own = torch.arange(chosen.shape[1], device=chosen.device).expand_as(chosen)
+    return Reduction.hard(torch.where(chosen | ~inp.visual, own, -1))
+
+
+def merge_into(chosen: Tensor, target: Tensor, inp: VisualInput) -> Reduction:
+    """Keep the chosen tokens; every other visual token merges whole into `target` (B, N), the index of
+    a chosen token (-1 drops it). Non-visual tokens stay."""
+    own = torch.arange(chosen.shape[1], device=chosen.device).expand_as(chosen)
+    return Reduction.hard(torch.where(chosen | ~inp.visual, own, torch.where(inp.visual, target, -1)))
+
+
+def fraction_grid(count: int) -> tuple[int, int]:
+    """(h, w) with h x w = count, as square as possible (72 -> 8 x 9): the grid the pool and resize
+    baselines reduce a square patch grid to."""
+    h = math.isqrt(count)
+    while count % h:
+        h -= 1
+    return h, count // h

@@ -1,0 +1,33 @@
+"""Baseline: keep a random subset of each image's visual tokens, of the operator's count.
+
+A seeded generator per call, so the same batch gets the same subset in any thread; a scoring operator
+must beat this to earn its cost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...core import Reduction
+from ..registry import register
+from .base import VisualInput, VisualMethod, prune_to, top_keep
+
+
+@register
+class RandomVisual(VisualMethod):
+    name = "random"
+    paper = "baseline: a random subset of the visual tokens, same count"
+    placement = "boundary"
+    prunes = True
+
+    def __init__(self, keep: float = 0.25, seed: int = 0) -> None:
+        super().__init__(keep)
+        self.seed = seed
+
+    def decide(self, inp: VisualInput) -> Reduction:
+        gen = torch.Generator(device=inp.x.device).manual_seed(self.seed)
+        score = torch.rand(inp.visual.shape, generator=gen, device=inp.x.device)
+        return prune_to(top_keep(score, inp), inp)
+
+    def options(self) -> dict:
+        return super().options() | {"seed": self.seed}
