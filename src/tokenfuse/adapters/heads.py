@@ -97,11 +97,15 @@ class _TimmPooling(_Pooling):
     def hooks(self) -> list[RemovableHandle]:
         model = self.model
         handles = [
-            model.norm.register_forward_hook(self.keep),
-            model.fc_norm.register_forward_pre_hook(self.before_fc_norm),
+            model.norm.register_forward_hook(self.keep, prepend=True),
+            model.fc_norm.register_forward_pre_hook(self.before_fc_norm, prepend=True),
         ]
         if model.attn_pool is not None:
-            handles.append(model.attn_pool.register_forward_pre_hook(self.before_attn_pool, with_kwargs=True))
+            handles.append(
+                model.attn_pool.register_forward_pre_hook(
+                    self.before_attn_pool, with_kwargs=True, prepend=True
+                )
+            )
         return handles
 
     def skip(self) -> int:
@@ -131,8 +135,8 @@ class _HfMeanPooling(_Pooling):
 
     def hooks(self) -> list[RemovableHandle]:
         return [
-            self.model.base_model.layernorm.register_forward_hook(self.keep),
-            self.model.classifier.register_forward_pre_hook(self.before_classifier),
+            self.model.base_model.layernorm.register_forward_hook(self.keep, prepend=True),
+            self.model.classifier.register_forward_pre_hook(self.before_classifier, prepend=True),
         ]
 
     def before_classifier(self, module: nn.Module, args: tuple):

@@ -143,11 +143,13 @@ class TextPatch(Patch):
             )
         self._ids_at = parameters.index("input_ids")
 
-        self.hold(embeddings.register_forward_pre_hook(self._start, with_kwargs=True))
+        self.hold(embeddings.register_forward_pre_hook(self._start, with_kwargs=True, prepend=True))
         for i, layer in enumerate(layers):
             self.hold(
-                layer.register_forward_pre_hook(partial(self._enter, i), with_kwargs=True),
-                layer.get_submodule(family.merge_after).register_forward_hook(partial(self._reduce, i + 1)),
+                layer.register_forward_pre_hook(partial(self._enter, i), with_kwargs=True, prepend=True),
+                layer.get_submodule(family.merge_after).register_forward_hook(
+                    partial(self._reduce, i + 1), prepend=True
+                ),
             )
             if self.wants_attention:
                 for name, path in zip("qkv", family.qkv, strict=True):

@@ -152,14 +152,14 @@ class VisionPatch(Patch):
         self.family = family
         self.prefix = prefix_tokens(model)
 
-        self.hold(base.get_submodule(family.embeddings).register_forward_hook(self._embedded))
+        self.hold(base.get_submodule(family.embeddings).register_forward_hook(self._embedded, prepend=True))
         for i, layer in enumerate(layers):
             mlp_in = layer.get_submodule(family.mlp_in)
             self.hold(
-                layer.register_forward_pre_hook(self._enter, with_kwargs=True),
-                mlp_in.register_forward_pre_hook(partial(self._before_mlp, i + 1)),
-                layer.get_submodule(family.mlp_out).register_forward_hook(self._after_mlp),
-                layer.register_forward_hook(self._after_layer),
+                layer.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True),
+                mlp_in.register_forward_pre_hook(partial(self._before_mlp, i + 1), prepend=True),
+                layer.get_submodule(family.mlp_out).register_forward_hook(self._after_mlp, prepend=True),
+                layer.register_forward_hook(self._after_layer, prepend=True),
             )
             if self.wants_attention:
                 names = ("qkv",) if len(family.qkv) == 1 else "qkv"

@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .. import adapters
+from ..adapters import llava
 from ..core import Tokens, unmerge
 from ..core.config import check_fitted_on, load_config
 from ..core.schedule import LayerCountError
@@ -26,6 +27,8 @@ def apply(
     config: str | Path | dict[str, Any] | None = None,
     temperature: float | None = None,
     protect_ids: Sequence[int] = (),
+    vision: str | Method | None = None,
+    vision_keep: float | None = None,
     **options: Any,
 ) -> nn.Module:
     """Patch `model` in place so it reduces tokens with `method` ("tome" unless a config is given),
@@ -43,7 +46,18 @@ def apply(
     protect_ids: token ids never merged or removed, besides the first and last token ([CLS],
     [SEP]). Other options go to the method (`tokenfuse methods` lists them). Applying again
     replaces the previous method.
+
+    Vision-language models (LLaVA): `method` is a visual-token operator or a list of them (one at
+    the boundary, one in the LLM; `tokenfuse methods --visual` lists them), `keep` the fraction of
+    each image's visual tokens kept; `vision` a token method run in the vision tower, at
+    `vision_keep`. Either may be None, not both.
     """
+    if llava.llava_model(model) is not None:
+        return _apply_llava(
+            model, method, keep, vision, vision_keep, config, temperature, protect_ids, options
+        )
+    if vision is not None or vision_keep is not None:
+        raise ValueError("vision= and vision_keep= apply to vision-language models; this model is not one")
     source = None
     if config is not None:
         source = f"config {config}" if isinstance(config, str | Path) else "the config"
@@ -71,6 +85,32 @@ def apply(
     if temperature is not None:
         patch.hold(model.register_forward_hook(ScaleLogits(temperature)))
     setattr(model, _ATTR, patch)
+    return model
+
+
+def _apply_llava(
+    model, method, keep, vision, vision_keep, config, temperature, protect_ids, options
+) -> nn.Module:
+    given = {"config": config, "temperature": temperature}
+    if unknown := [k for k, v in given.items() if v is not None] + (["protect_ids"] if protect_ids else []):
+        raise ValueError(f"{', '.join(unknown)} do not apply to a vision-language model's visual tokens")
+    if method is None and vision is None:
+        raise ValueError(
+            "give a visual-token operator (method=...) or a vision-tower method (vision=...), or both"
+        )
+    named = [] if method is None else list(method) if isinstance(method, list | tuple) else [method]
+    if options and len(named) > 1:
+        raise ValueError("options go with one operator; for several, pass operator objects")
+    if keep is not None:
+        options["keep"] = keep
+    methods = [make(m, kind="visual", **options) for m in named]
+    tower = None
+    if vision is not None:
+        tower = make(vision, **({} if vision_keep is None else {"keep": vision_keep}))
+    elif vision_keep is not None:
+        raise ValueError("vision_keep was given without vision= (the token method for the vision tower)")
+    remove(model)
+    setattr(model, _ATTR, llava.LlavaPatch(model, methods, tower))
     return model
 
 

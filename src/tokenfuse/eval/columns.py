@@ -20,7 +20,9 @@ COLUMNS = (  # in the order tables show them
     Column("keep", "keep", "{:g}"),
     Column("tokens", "tokens", "{:.3f}"),
     Column("flops", "FLOPs", "{:.3f}"),
+    Column("visual", "visual", "{:.3f}"),
     Column("speedup", "speedup", "{:.2f}x"),
+    Column("generation_speedup", "generate", "{:.2f}x"),
     Column("scoring", "scoring", "{:.1%}"),
     Column("cosine", "cosine", "{:.3f}"),
     Column("bbc_knn_acc", "BBC acc %", "{:.1f}"),
@@ -33,6 +35,8 @@ COLUMNS = (  # in the order tables show them
     Column("cls_cosine", "CLS cosine", "{:.3f}"),
     Column("knn20_acc", "20-NN %", "{:.1f}"),
     Column("saliency_corr", "saliency r", "{:.3f}"),
+    Column("answer_acc", "answer %", "{:.1f}"),
+    Column("kl", "KL", "{:.4f}"),
 )
 BY_KEY = {c.key: c for c in COLUMNS}
 

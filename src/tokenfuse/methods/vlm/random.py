@@ -1,6 +1,7 @@
 """Baseline: keep a random subset of each image's visual tokens, of the operator's count.
 
-A seeded generator per call, so the same batch gets the same subset in any thread; a scoring operator
+One seeded random ranking of the patch positions, the same for every image (so an image gets the same
+subset alone or in any batch, in any thread): a random sparse sampling of the grid. A scoring operator
 must beat this to earn its cost.
 """
 
@@ -26,7 +27,7 @@ class RandomVisual(VisualMethod):
 
     def decide(self, inp: VisualInput) -> Reduction:
         gen = torch.Generator(device=inp.x.device).manual_seed(self.seed)
-        score = torch.rand(inp.visual.shape, generator=gen, device=inp.x.device)
+        score = torch.rand(inp.visual.shape[1], generator=gen, device=inp.x.device).expand_as(inp.visual)
         return prune_to(top_keep(score, inp), inp)
 
     def options(self) -> dict:

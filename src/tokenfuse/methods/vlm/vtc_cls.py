@@ -1,0 +1,49 @@
+"""VTC-CLS (Wang et al., "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs", 2024;
+reference code THU-MIG/VTC-CLS).
+
+Faithful: each visual token is scored by the tower's [CLS] attention to it (mean over heads), summed
+over an ensemble of tower layers, from `start_layer` up to the selected layer, and each image keeps its
+top tokens in patch order; the rest are dropped. The default, the last 7 layers, is the reference's
+default start layer 16 on LLaVA-1.5's CLIP ViT-L/14 (layers 16 to 22, its selected layer). Deviations:
+the layer mean here ranks as the reference's sum; ties go to the earlier token (the reference's topk
+leaves them unspecified). The reference's CLI takes the start layer as an absolute index; here a
+negative one counts back from the selected layer, so the default carries to towers of other depths.
+"""
+
+from __future__ import annotations
+
+from ...core import Reduction
+from ..registry import register
+from .base import VisualInput, VisualMethod, prune_to, top_keep
+
+
+@register
+class VTCCLS(VisualMethod):
+    name = "vtc-cls"
+    paper = (
+        "Wang et al. 2024, [CLS] Token Tells Everything Needed for Training-free Efficient MLLMs (VTC-CLS)"
+    )
+    placement = "boundary"
+    prunes = True
+    needs = frozenset({"cls_attention_layers"})
+
+    def __init__(self, keep: float = 0.25, start_layer: int = -7) -> None:
+        """start_layer: the first tower layer of the ensemble (0 = the first layer; negative counts back,
+        -1 = the selected layer alone); every layer from it to the selected one is averaged."""
+        super().__init__(keep)
+        if isinstance(start_layer, bool) or not isinstance(start_layer, int):
+            raise TypeError(f"start_layer must be an int (a tower layer index), got {start_layer!r}")
+        self.start_layer = start_layer
+
+    def decide(self, inp: VisualInput) -> Reduction:
+        layers = inp.cls_attention_layers.shape[1]
+        if not -layers <= self.start_layer < layers:
+            raise ValueError(
+                f"vtc-cls: start_layer {self.start_layer} is outside the tower's {layers} layers up to the "
+                f"selected one; choose one in [-{layers}, {layers - 1}]"
+            )
+        score = inp.cls_attention_layers[:, self.start_layer :].float().mean(1)
+        return prune_to(top_keep(score, inp), inp)
+
+    def options(self) -> dict:
+        return super().options() | {"start_layer": self.start_layer}
