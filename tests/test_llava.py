@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import tokenfuse
 
@@ -27,17 +27,15 @@ PLACEMENTS = {  # name: apply() arguments
 }
 
 
-def tiny_llava(attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+def tiny_llava(attn: str = "sdpa", seed: int = 0, tower: str = "dinov2") -> LlavaForConditionalGeneration:
+    """A DINOv2 tower selecting its last layer, or LLaVA-1.5's layout: a CLIP tower, the layer before
+    its last."""
     torch.manual_seed(seed)
-    vision = Dinov2Config(
-        image_size=28,
-        patch_size=7,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        layerscale_value=1.0,
-    )
+    sizes = dict(image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=3, num_attention_heads=2)
+    if tower == "dinov2":
+        vision = Dinov2Config(**sizes, intermediate_size=64, layerscale_value=1.0)
+    else:
+        vision = CLIPVisionConfig(**sizes, intermediate_size=64)
     text = LlamaConfig(
         vocab_size=65,
         hidden_size=32,
@@ -53,7 +51,7 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGenerati
         vision_config=vision.to_dict(),
         text_config=text.to_dict(),
         image_token_id=IMAGE,
-        vision_feature_layer=-1,
+        vision_feature_layer=-1 if tower == "dinov2" else -2,
         vision_feature_select_strategy="default",
     )
     config._attn_implementation = attn
@@ -111,6 +109,25 @@ def test_keep_one_is_bit_identical_for_forward_and_generate(placement, attn):
         assert torch.equal(generate(model, batch), tokens)
         tokenfuse.remove(model)
         assert torch.equal(model(**batch).logits, logits)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"), [("visionzip", {}), ("vtc-cls", {"start_layer": -2}), ("fastv", {})]
+)
+def test_llava_1_5_layout_clip_tower_penultimate_layer(method, options):
+    """LLaVA-1.5's configuration (CLIP tower, features of its penultimate layer): identical at keep
+    1.0, and a row's answer the same alone and in a batch at keep 0.25."""
+    model = tiny_llava(tower="clip")
+    rows, pixels = prompts()
+    batch = rows_to_batch(rows, pixels)
+    expected = generate(model, batch)
+    tokenfuse.apply(model, method, keep=1.0, **options)
+    assert torch.equal(generate(model, batch), expected)
+    tokenfuse.apply(model, method, keep=0.25, **options)
+    together = generate(model, batch)
+    assert not torch.equal(together, expected) or method == "fastv"
+    for i, row in enumerate(rows):
+        assert torch.equal(generate(model, rows_to_batch([row], pixels[i : i + 1]))[0], together[i])
 
 
 @pytest.mark.parametrize("left", [True, False], ids=["left-padded", "right-padded"])

@@ -196,7 +196,7 @@ class LlavaPatch(Hooks):
         )
         needs = self.boundary.needs if self.boundary is not None else frozenset()
         attention = self._tower_attention()
-        wanted = range(len(attention)) if "cls_attention_layers" in needs else [self.feature_layer]
+        wanted = range(self.feature_layer + 1) if "cls_attention_layers" in needs else [self.feature_layer]
         if needs & {"cls_attention", "cls_attention_layers", "keys"}:
             for i in wanted:
                 for name in ("q_proj", "k_proj"):
@@ -412,7 +412,7 @@ class LlavaPatch(Hooks):
         out: dict[str, Tensor] = {}
         drop = 1 if self.config.vision_feature_select_strategy == "default" else 0
         if needs & {"cls_attention", "cls_attention_layers"}:
-            layers = sorted(tower.qk) if "cls_attention_layers" in needs else [self.feature_layer]
+            layers = range(self.feature_layer + 1) if "cls_attention_layers" in needs else [self.feature_layer]
             maps = torch.stack([_cls_attention(tower.qk[i])[:, drop:] for i in layers], 1)
             if "cls_attention_layers" in needs:
                 out["cls_attention_layers"] = maps
