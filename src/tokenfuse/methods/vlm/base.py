@@ -129,8 +129,33 @@ class VisualMethod:
 def top_keep(score: Tensor, inp: VisualInput) -> Tensor:
     """(B, N) bool: each row's `inp.keep` visual tokens of highest score (ties to the earlier token);
     non-visual tokens are never chosen."""
-    _, rank = ranks(score.masked_fill(~inp.visual, -math.inf), descending=True)
-    return (rank < inp.keep[:, None]) & inp.visual
+    return top_count(score, inp.visual, inp.keep)
+
+
+def top_count(score: Tensor, allowed: Tensor, count: Tensor) -> Tensor:
+    """(B, N) bool: each row's `count` (B,) allowed (B, N) tokens of highest score, ties to the
+    earlier token; fewer where a row allows fewer."""
+    _, rank = ranks(score.masked_fill(~allowed, -math.inf), descending=True)
+    return (rank < count[:, None]) & allowed
+
+
+def question_attention(inp: VisualInput, rows: Tensor | None = None) -> Tensor:
+    """(B, N) the mean attention of each row's question tokens (only the `rows` (B, Q) of them, when
+    given) to every token, from `inp.text_attention` (B, Q, N). A row that must lose visual tokens
+    but has no question token to score them is an error, not a silent tie."""
+    if inp.text_attention is None or inp.question_mask is None:
+        raise ValueError(
+            "question_attention needs text_attention and question_mask: name text_attention in needs"
+        )
+    valid = inp.question_mask if rows is None else inp.question_mask & rows
+    raters = valid.sum(1)
+    if bool(((raters == 0) & (inp.keep < inp.visual.sum(1))).any()):
+        raise ValueError(
+            "a sequence with visual tokens to reduce has no question token to score them by; "
+            "give each image a question (the text after the image), or use a question-free operator"
+        )
+    total = (inp.text_attention * valid[..., None]).sum(1)
+    return total / raters.clamp_min(1)[:, None]
 
 
 def prune_to(chosen: Tensor, inp: VisualInput) -> Reduction:
