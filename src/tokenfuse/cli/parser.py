@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
         "--limit",
         type=int,
         help="first N BBC documents of a fixed shuffled order (default 400), or Fashion-MNIST test images "
-        "(default 500; vlm 300)",
+        "(default 500; vlm 200)",
     )
     b.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median is reported)")
     b.add_argument(

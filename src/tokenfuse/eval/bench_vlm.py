@@ -55,10 +55,7 @@ class VLMTask:
         return dataclasses.replace(prefill, extra={"generation": generation.seconds})
 
     def quality_pass(self, config: Config, timed: Pass) -> Pass:
-        batches = [b.inputs() for b in self.batches]
-        prefill = self.prefill(config, batches)
-        replies = self.generate(config, batches, scores=True)
-        return dataclasses.replace(replies, layer_tokens=prefill.layer_tokens)
+        return self.generate(config, [b.inputs() for b in self.batches], scores=True)
 
     def prefill(self, config: Config, batches: list[dict]) -> Pass:
         """One forward over each prompt, the last position's logits only (as generate()'s prefill)."""
@@ -86,7 +83,7 @@ class VLMTask:
             outputs = {"reply": reply}
             if scores:
                 outputs["logprobs"] = torch.log_softmax(out.logits[0].float(), -1).half()
-            return outputs, torch.zeros(1, 2, len(inputs["input_ids"]))
+            return outputs, self.trace(inputs)
 
         return measure.run_pass(self.model, config, config.method in BASELINES, batches, forward)
 
@@ -104,9 +101,8 @@ class VLMTask:
         for layer, count in llm_trace:
             llm[layer:] = count.float()
         images = (ids == config.image_token_id).any(1)
-        tower_rows = (
-            patch.last.tower_trace if patch is not None and patch.last.tower_trace is not None else None
-        )
+        prefill = None if patch is None else patch.prefill
+        tower_rows = None if prefill is None else prefill.tower_trace
         if tower_rows is None:
             grid = inputs["pixel_values"].shape[-1] // config.vision_config.patch_size
             n_tower = config.vision_config.num_hidden_layers
@@ -178,7 +174,7 @@ def task(limit: int, batch_size: int, timing_images: int, seed: int = 0) -> VLMT
 def run(
     methods: str = "all",
     keeps: tuple[float, ...] = KEEPS,
-    limit: int | None = 300,
+    limit: int | None = 200,
     batch_size: int | None = None,
     repeats: int = 3,
     options: dict[str, Any] | None = None,
@@ -186,7 +182,7 @@ def run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the VLM bench; results as a JSON-ready dict ({"meta", "rows", "notes"})."""
-    limit = 300 if limit is None else limit
+    limit = 200 if limit is None else limit
     batch_size = 8 if batch_size is None else batch_size
     measure.check_positive(limit=limit, batch_size=batch_size, repeats=repeats)
     configs = measure.configs_for(

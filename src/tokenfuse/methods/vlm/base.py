@@ -110,6 +110,10 @@ class VisualMethod:
         kept = torch.ceil(visual.double() * fraction - 1e-9).long()
         return torch.where(visual > 0, kept.clamp_min(1), 0)
 
+    def check(self, tower_layers: int) -> None:
+        """Refuse, when the operator is installed, settings this model cannot take; `tower_layers`:
+        the tower's layers up to the selected one."""
+
     def pixels(self, pixel_values: Tensor, patch: int) -> Tensor | None:
         """Operators that change the image (the `resize` baseline) return new pixel values; None keeps
         them."""

@@ -35,13 +35,15 @@ class VTCCLS(VisualMethod):
             raise TypeError(f"start_layer must be an int (a tower layer index), got {start_layer!r}")
         self.start_layer = start_layer
 
-    def decide(self, inp: VisualInput) -> Reduction:
-        layers = inp.cls_attention_layers.shape[1]
-        if not -layers <= self.start_layer < layers:
+    def check(self, tower_layers: int) -> None:
+        if not -tower_layers <= self.start_layer < tower_layers:
             raise ValueError(
-                f"vtc-cls: start_layer {self.start_layer} is outside the tower's {layers} layers up to the "
-                f"selected one; choose one in [-{layers}, {layers - 1}]"
+                f"vtc-cls: start_layer {self.start_layer} is outside the tower's {tower_layers} layers up to "
+                f"the selected one; choose one in [-{tower_layers}, {tower_layers - 1}]"
             )
+
+    def decide(self, inp: VisualInput) -> Reduction:
+        self.check(inp.cls_attention_layers.shape[1])
         score = inp.cls_attention_layers[:, self.start_layer :].float().mean(1)
         return prune_to(top_keep(score, inp), inp)
 
