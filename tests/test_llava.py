@@ -302,3 +302,42 @@ def test_a_token_method_on_a_vlm_is_redirected():
 
     with pytest.raises(TypeError, match="visual-token operator"):
         adapters.install(tiny_llava(), make("tome"))
+
+
+def test_in_llm_pruning_equals_masking_the_dropped_tokens_from_that_layer_on():
+    """The reduced sequence (gathered rotary angles, positions and mask) computes what the full one
+    computes when layers from K on may not attend to the dropped tokens: same last-token logits."""
+    from tokenfuse.methods.vlm.fastv import FastV
+
+    class Recording(FastV):
+        def decide(self, inp):
+            red = super().decide(inp)
+            self.kept = red.dest[..., 0] >= 0
+            return red
+
+    model = tiny_llava()
+    rows, pixels = prompts()
+    batch = rows_to_batch(rows, pixels)
+    method = Recording(keep=0.25, layer=2)
+    tokenfuse.apply(model, method)
+    with torch.no_grad():
+        reduced = model(**batch).logits[:, -1]
+    tokenfuse.remove(model)
+
+    def masked(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        L = method.kept.shape[1]
+        base = torch.ones(L, L, dtype=torch.bool).tril()[None, None] if mask is None else mask
+        allowed = base & method.kept[:, None, None, :] | torch.eye(L, dtype=torch.bool)
+        return args, {**kwargs, "attention_mask": allowed}
+
+    hooks = [
+        layer.register_forward_pre_hook(masked, with_kwargs=True)
+        for layer in model.model.language_model.layers[2:]
+    ]
+    with torch.no_grad():
+        full = model(**batch).logits[:, -1]
+    for h in hooks:
+        h.remove()
+    assert int(method.kept.sum()) < int(batch["attention_mask"].sum())
+    torch.testing.assert_close(reduced, full, atol=1e-5, rtol=1e-4)
