@@ -126,8 +126,12 @@ def draw(ax, model: str, entries: list[Entry]) -> None:
             curves.setdefault(e.curve, []).append((x, y, keep if _number(keep) else 1.0))
     if not curves:
         ax.text(0.5, 0.5, f"no rows with speedup and {key}", ha="center", va="center", transform=ax.transAxes)
-    tab10 = _matplotlib()[0].colormaps["tab10"].colors
-    colours = itertools.cycle(c for i, c in enumerate(tab10) if i != 7)  # grey is for baselines
+    methods = sum(name not in BASELINES for name in curves)
+    palette = "tab10" if methods <= 9 else "tab20"  # no two methods of one panel share a colour
+    greys = (7,) if palette == "tab10" else (14, 15)  # grey is for baselines
+    colours = itertools.cycle(
+        c for i, c in enumerate(_matplotlib()[0].colormaps[palette].colors) if i not in greys
+    )
     for name, points in curves.items():
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
