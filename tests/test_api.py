@@ -42,6 +42,21 @@ def test_unsupported_model_lists_supported_families():
         tokenfuse.apply(torch.nn.Linear(2, 2), "tome")
 
 
+def test_a_wrapper_exposing_a_supported_config_is_refused_clearly():
+    """A SentenceTransformer exposes its BERT's config; it is not a transformers model and used to
+    fail with an AttributeError deep in the checks."""
+
+    class SentenceTransformer(torch.nn.Sequential):
+        @property
+        def config(self):
+            return self[0].config
+
+    wrapped = SentenceTransformer(tiny_bert())
+    with pytest.raises(TypeError, match="SentenceTransformer objects.*AutoModel.*tokenfuse.embed"):
+        tokenfuse.apply(wrapped, "tome")
+    assert tokenfuse.patch_of(wrapped) is None
+
+
 def test_unsupported_attention_backend_is_refused():
     model = tiny_bert()
     model.config._attn_implementation = "flash_attention_2"

@@ -65,6 +65,10 @@ FAMILIES = (
 
 
 def family_of(model: nn.Module) -> Family | None:
+    """The family of a Hugging Face text model; None for anything else, wrappers that expose the
+    model's config (a SentenceTransformer) included."""
+    if getattr(model, "base_model", None) is None:
+        return None
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return next((f for f in FAMILIES if model_type in f.model_types), None)
 
