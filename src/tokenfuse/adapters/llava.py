@@ -29,7 +29,7 @@ from ..core import Tokens, reduce
 from ..core.reduce import kept_index
 from ..methods import Method, VisualInput, VisualMethod
 from . import vision
-from .base import Forward, Hooks
+from .base import Forward, Hooks, ahead, check_attention, left_padded
 
 _RECORD = "_tokenfuse_record"
 _TOWER = "_tokenfuse_tower"
@@ -131,16 +131,13 @@ class LlavaPatch(Hooks):
                 f"{self.in_llm.name}: layer must be in 1..{len(layers) - 1} for this {len(layers)}-layer "
                 f"LLM, got {[k for k, _ in self.stages]}"
             )
-        impl = getattr(self.config.text_config, "_attn_implementation", "eager")
-        if impl not in ("sdpa", "eager"):
-            raise ValueError(
-                f"in-LLM reduction needs 'sdpa' or 'eager' attention in the LLM, it uses {impl!r}"
-            )
+        check_attention(inner.language_model)
         self.tower = None
         feature_layer = self.config.vision_feature_layer
         if not isinstance(feature_layer, int):
             raise ValueError("tokenfuse supports LLaVA models that select one vision feature layer")
-        self.n_tower = n_tower = len(self._tower_attention())
+        attention = self._tower_attention()
+        self.n_tower = n_tower = len(attention)
         self.feature_layer = feature_layer % (n_tower + 1) - 1  # hidden_states[0] is the embeddings
         if self.boundary is not None:
             self.boundary.check(self.feature_layer + 1)
@@ -167,7 +164,7 @@ class LlavaPatch(Hooks):
                     "with an operator that does not read it (random, resize, fastv, sparsevlm, aim-prune)"
                 )
             self.tower = vision.VisionPatch(inner.vision_tower, family, tower_method)
-        self._install(inner)
+        self._install(inner, attention)
 
     @staticmethod
     def _one(methods: list[VisualMethod], placement: str) -> VisualMethod | None:
@@ -185,7 +182,7 @@ class LlavaPatch(Hooks):
             raise TypeError(f"no q_proj/k_proj attention found in {type(self.inner.vision_tower).__name__}")
         return found
 
-    def _install(self, inner: nn.Module) -> None:
+    def _install(self, inner: nn.Module, attention: list[nn.Module]) -> None:
         tower = inner.vision_tower
         self.hold(
             inner.register_forward_pre_hook(self._begin, with_kwargs=True, prepend=True),
@@ -195,7 +192,6 @@ class LlavaPatch(Hooks):
             inner.multi_modal_projector.register_forward_pre_hook(self._tower_selected, prepend=True),
         )
         needs = self.boundary.needs if self.boundary is not None else frozenset()
-        attention = self._tower_attention()
         wanted = range(self.feature_layer + 1) if "cls_attention_layers" in needs else [self.feature_layer]
         if needs & {"cls_attention", "cls_attention_layers", "keys"}:
             for i in wanted:
@@ -257,7 +253,7 @@ class LlavaPatch(Hooks):
         fwd.visual = (ids == self.config.image_token_id) & valid
         fwd.valid = valid
         fwd.visual0 = fwd.visual.sum(1)
-        fwd.left = bool((valid[:, 1:] & ~valid[:, :-1]).any())  # a real token after padding
+        fwd.left = left_padded(valid)
         fwd.question = _question(fwd.visual, valid)
         fwd.llm_trace = [(0, valid.sum(1))]
         if any(f < 1.0 for _, f in self.stages) and bool(fwd.visual0.any()):
@@ -363,10 +359,9 @@ class LlavaPatch(Hooks):
         flat = is_image.flatten().cumsum(0).view_as(is_image) - 1
         image_of = (flat // per_image).clamp(0, n_images - 1)
         keep = valid & (~is_image | (flat % per_image < kept[image_of]))
-        left = bool((valid[:, 1:] & ~valid[:, :-1]).any())
+        left = left_padded(valid)
         length = int(keep.sum(1).max())
-        order = (keep if left else ~keep).to(torch.uint8).argsort(dim=1, stable=True)
-        order = order[:, -length:] if left else order[:, :length]
+        order = ahead(~keep)[:, -length:] if left else ahead(keep)[:, :length]
         new_valid = keep.gather(1, order)
         pad = self.config.text_config.pad_token_id
         new_ids = torch.where(new_valid, ids.gather(1, order), 0 if pad is None else pad)
@@ -430,9 +425,7 @@ class LlavaPatch(Hooks):
         if "question" in needs:
             question = _question(is_image & valid, valid)
             rows = is_image.nonzero()[:, 0][::per_image]  # the row of each image, in image order
-            order = (~question).to(torch.uint8).argsort(dim=1, stable=True)
-            width = max(int(question.sum(1).max()), 1)
-            index, qmask = order[:, :width], question.gather(1, order[:, :width])
+            index, qmask = _rows(question)
             embeds = module.get_input_embeddings()(ids.gather(1, index))
             out |= {"question": embeds[rows], "question_mask": qmask[rows]}
         return out
@@ -485,7 +478,7 @@ class LlavaPatch(Hooks):
         index = kept_index(tokens, red)
         hidden, tokens = reduce(hidden, tokens, red)
         if fwd.left:  # padding back in front, so that the last position stays each row's last token
-            order = tokens.mask.to(torch.uint8).argsort(dim=1, stable=True)
+            order = ahead(~tokens.mask)
             hidden = hidden.gather(1, order[..., None].expand_as(hidden))
             index = index.gather(1, order)
             tokens = Tokens(size=tokens.size.gather(1, order), protected=tokens.protected.gather(1, order))
@@ -539,10 +532,7 @@ class LlavaPatch(Hooks):
         L = valid.shape[1]
         position = torch.arange(L, device=valid.device)
         last = torch.where(valid, position, -1).max(1).values  # (B,)
-        order = (~fwd.question).to(torch.uint8).argsort(dim=1, stable=True)
-        width = max(int(fwd.question.sum(1).max()), 1)
-        rows = order[:, :width]
-        qmask = fwd.question.gather(1, rows)
+        rows, qmask = _rows(fwd.question)
         rows = torch.cat([rows, last[:, None]], 1)
         probs = _attention_rows(s["module"], s["hidden"], s["rotary"], rows, valid)
         out = {}
@@ -612,6 +602,14 @@ def _cls_attention(qk: dict[str, Tensor]) -> Tensor:
     """(B, N) the [CLS] query's attention over a tower layer's tokens, mean over heads."""
     q, k = qk["q"], qk["k"]
     return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)[:, :, 0].mean(1)
+
+
+def _rows(chosen: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, Q) the positions of each row's chosen tokens (B, N), in order, and (B, Q) which of them
+    are real (rows with fewer are padded)."""
+    width = max(int(chosen.sum(1).max()), 1)
+    index = ahead(chosen)[:, :width]
+    return index, chosen.gather(1, index)
 
 
 def _question(visual: Tensor, valid: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -147,15 +148,17 @@ class VLMTask:
             "kl": kl,
         }
 
+    @cached_property
+    def text_tokens(self) -> np.ndarray:
+        """(inputs,) each prompt's real text tokens, which no operator removes."""
+        image = self.model.config.image_token_id
+        return np.concatenate(
+            [(b.attention_mask.bool() & (b.input_ids != image)).sum(1).numpy() for b in self.batches]
+        )
+
     def visual_tokens(self, llm_layers: np.ndarray) -> float:
         """Visual tokens summed over rows and LLM layers: each row's tokens less its text tokens."""
-        text = np.concatenate(
-            [
-                (b.attention_mask.bool() & (b.input_ids != self.model.config.image_token_id)).sum(1).numpy()
-                for b in self.batches
-            ]
-        )
-        return float((llm_layers - text[:, None]).sum())
+        return float((llm_layers - self.text_tokens[:, None]).sum())
 
 
 def task(limit: int, batch_size: int, timing_images: int, seed: int = 0) -> VLMTask:

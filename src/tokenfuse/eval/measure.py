@@ -155,7 +155,8 @@ def _wait(model: nn.Module) -> None:
 
 
 class Task(Protocol):
-    """What a bench runs: a model, its inputs, how a configuration runs over them, its quality."""
+    """What a bench runs: a model, its inputs, how a configuration runs over them, its quality. A
+    task whose model is not an encoder also defines `flops(pass) -> float`, which `compare` reads."""
 
     name: str
     model: nn.Module
