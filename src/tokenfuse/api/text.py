@@ -28,6 +28,17 @@ SENTENCE_TRANSFORMERS = {
 }
 
 
+class TruncationWarning(UserWarning):
+    """Some texts were longer than max_length and were cut to it; `count` of `total`."""
+
+    def __init__(self, count: int, total: int, max_length: int):
+        super().__init__(
+            f"{count} of {total} texts are longer than {max_length} tokens (max_length) and were "
+            "truncated to it"
+        )
+        self.count = count
+
+
 @dataclass(frozen=True)
 class Batch:
     """One batch of an encoding pass: which texts, their embeddings, and the tokens each layer
@@ -66,11 +77,7 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, prefix: float = 1
     full = tokenizer([str(t) for t in texts], verbose=False)["input_ids"]  # numpy's str_ as str
     too_long = sum(len(ids) > max_length for ids in full)
     if too_long:
-        warnings.warn(
-            f"{too_long} of {len(texts)} texts are longer than {max_length} tokens (max_length) "
-            "and were truncated to it",
-            stacklevel=3,
-        )
+        warnings.warn(TruncationWarning(too_long, len(texts), max_length), stacklevel=3)
     out = []
     for ids in full:
         n = min(len(ids), max_length) - specials

@@ -177,9 +177,48 @@ def report_command(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+def embed_command(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from ..core.config import load_config
+    from ..corpus import Settings, Source, embed_corpus
+
+    check_output(args.json, "--json")
+    settings = Settings(
+        model=args.model,
+        method=args.method or ("tome" if args.config is None else None),
+        keep=args.keep,
+        options=dict(args.options),
+        config=None if args.config is None else load_config(args.config),
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+    )
+    summary = embed_corpus(
+        Source(args.input, args.text_field, args.id_field),
+        args.output,
+        settings,
+        shard_size=args.shard_size,
+        on_error=args.on_error,
+        engine=args.engine,
+        address=args.address,
+        actors=args.actors,
+        threads=args.threads,
+        progress=not args.no_progress,
+        report=lambda line: err.print(f"note: {escape(line)}"),
+    )
+    resumed = f", resumed after {summary['resumed_from']} complete shards" if summary["resumed_from"] else ""
+    err.print(
+        f"{summary['embedded']} of {summary['rows']} rows embedded into {summary['shards']} shards in "
+        f"{escape(str(args.output))} ({summary['skipped']} skipped{resumed}); this run: "
+        f"{summary['docs_per_second']:.1f} docs/s over {summary['seconds']:.1f} s"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Console, Console], int]] = {
     "bench": bench_command,
     "calibrate": calibrate_command,
     "methods": methods_command,
     "report": report_command,
+    "embed": embed_command,
 }

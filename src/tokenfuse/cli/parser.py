@@ -120,4 +120,38 @@ def parser() -> argparse.ArgumentParser:
         help="report.html (one self-contained page: plots, tables, machine and versions) or report.png "
         "(the plots alone)",
     )
+
+    e = sub.add_parser("embed", help="embed a corpus with a reduced model into Parquet shards (resumable)")
+    e.add_argument("input", type=Path, help="a .jsonl, .csv or .parquet file, or a folder of text files")
+    e.add_argument("-o", "--output", type=Path, required=True, help="folder of the Parquet shards (created)")
+    e.add_argument("--text-field", default="text", help="the column or field holding each text")
+    e.add_argument("--id-field", help="the column or field holding each id (default: the row number)")
+    e.add_argument("--model", default="minilm", help="packaged name, model folder or hub id")
+    e.add_argument("--method", help="a token method (default tome), or full for the unreduced model")
+    e.add_argument("--keep", type=float, help="work fraction in (0, 1] (default 0.5)")
+    e.add_argument(
+        "--set",
+        dest="options",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, as in bench",
+    )
+    e.add_argument("--config", type=Path, help="a configuration written by `tokenfuse calibrate`")
+    e.add_argument("--max-length", type=int, help="tokens per text (default: the model's maximum)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--shard-size", type=int, default=1000, help="input rows per Parquet shard")
+    e.add_argument(
+        "--on-error",
+        choices=("skip", "stop"),
+        default="skip",
+        help="bad rows (empty, missing or non-text field): skip them (listed) or stop before any work",
+    )
+    e.add_argument("--engine", choices=("local", "ray"), default="local", help="this process, or Ray Data")
+    e.add_argument("--address", help="ray: an existing Ray cluster's address (default: start a local one)")
+    e.add_argument("--actors", type=int, help="ray: actors in the pool (default: CPUs / threads)")
+    e.add_argument("--threads", type=int, help="torch threads (per actor with ray; default: all / 4)")
+    e.add_argument("--json", type=Path, help="also write the run's summary as JSON to this path")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
