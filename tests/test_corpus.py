@@ -228,13 +228,9 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path, model_dir, capsys, ar
 
 
 def bbc_paragraphs(path: Path, documents: int) -> Path:
-    """The first BBC News articles split into paragraphs, as JSON Lines (id: article-paragraph)."""
-    from tokenfuse.assets.text import bbc_news
+    from tokenfuse.assets.text import bbc_paragraphs
 
-    with open(path, "w") as f:
-        for i, text in enumerate(bbc_news(limit=documents).texts):
-            for j, para in enumerate(p for p in text.split("\n") if p.strip()):
-                f.write(json.dumps({"id": f"{i}-{j}", "text": para}) + "\n")
+    path.write_text("".join(json.dumps(r) + "\n" for r in bbc_paragraphs(documents)))
     return path
 
 
@@ -306,3 +302,69 @@ def test_ray_engine_writes_the_same_shards_and_resumes_a_local_run(tmp_path):
     ids, vectors = read_output(tmp_path / "ray-actors")
     assert ids == one_ids == local_ids
     np.testing.assert_allclose(vectors, one_thread, atol=1e-6, rtol=0)
+
+
+def test_cli_embeds_a_csv_and_writes_its_summary(tmp_path, model_dir, capsys):
+    path = write(tmp_path / "in.csv", rows(9))
+    argv = [
+        "embed",
+        str(path),
+        "-o",
+        str(tmp_path / "out"),
+        "--model",
+        str(model_dir),
+        "--id-field",
+        "id",
+        "--shard-size",
+        "4",
+        "--method",
+        "full",
+        "--json",
+        str(tmp_path / "run.json"),
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    assert "9 of 9 rows embedded into 3 shards" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert (summary["embedded"], summary["shards"], summary["skipped"]) == (9, 3, 0)
+    ids, _ = read_output(tmp_path / "out")
+    assert ids == [f"doc-{i}" for i in range(9)]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="pip install 'tokenfuse[ray]'")
+def test_embed_bench_rows(capsys, tmp_path):
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--task",
+                "embed",
+                "--limit",
+                "10",
+                "--repeats",
+                "1",
+                "--max-length",
+                "64",
+                "--no-progress",
+                "--json",
+                str(tmp_path / "embed.json"),
+            ]
+        )
+        == 0
+    )
+    rows = json.loads((tmp_path / "embed.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["local", "ray"]
+    assert rows[0]["throughput"] == 1.0 and rows[1]["docs_per_second"] > 0
+    assert rows[1]["max_abs_diff"] <= 1e-6 and rows[0]["documents"] == rows[1]["documents"] > 10
+
+
+def test_a_shard_killed_while_written_never_has_its_final_name(tmp_path):
+    def half_then_killed(tmp: Path) -> None:
+        tmp.write_bytes(b"PAR1 half")
+        raise KeyboardInterrupt  # stands for the kill: nothing after this line runs
+
+    with pytest.raises(KeyboardInterrupt):
+        shard_files.write_atomic(tmp_path / shard_files.shard_name(0), half_then_killed)
+    assert shard_files.done_shards(tmp_path) == set()

