@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..core import Tokens, attention_bias, reduce
+from ..core.reduce import kept_index
 from ..methods import LayerInput, Method
 
 
@@ -38,6 +39,10 @@ class Forward:
     trace: per layer, (tokens entering it, tokens after its reduction), for the work accounting.
     qkv: the current layer's per-head q, k, v (B, H, N, D), until a reduction point consumes them.
     reduced: whether tokens were reduced (from then on layers attend with the engine's mask).
+    origin: (B, N) from the first reduction on, for patches that track it: where in the host's
+        layout (the input's positions, padding included) the token each position keeps stood: its
+        own, or for a merged token the one it was merged into, whose slot survived; any index at
+        padding. What a host's per-position-pair inputs (relative position bias) are gathered with.
     """
 
     tokens: Tokens | None = None
@@ -45,6 +50,7 @@ class Forward:
     trace: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     qkv: dict[str, Tensor] = field(default_factory=dict)
     reduced: bool = False
+    origin: Tensor | None = None
 
 
 class Hooks:
@@ -127,6 +133,7 @@ class Patch(Hooks):
         self.has_cls = has_cls
         self.schedule = method.schedule_for(num_layers)
         self.wants_attention = bool(method.needs & method.ATTENTION_INPUTS)
+        self.tracks_origin = False  # set by adapters whose host reads positions after the embeddings
 
     @property
     def tokens(self) -> Tokens | None:
@@ -180,6 +187,8 @@ class Patch(Hooks):
             return None
         qkv = fwd.qkv
         if not fwd.reduced:
+            if self.tracks_origin:
+                fwd.origin = ahead(tokens.mask)  # the layout right_padded gives
             x, tokens, qkv = right_padded(x, tokens, qkv)
         inp = LayerInput(
             point=point,
@@ -193,6 +202,8 @@ class Patch(Hooks):
         )
         fwd.qkv = {}
         red = self.timed(self.method.decide, inp)
+        if self.tracks_origin:
+            fwd.origin = fwd.origin.gather(1, kept_index(tokens, red).clamp_min(0))
         x, fwd.tokens = reduce(x, tokens, red)
         fwd.reduced = True
         if point > 0:
@@ -252,9 +263,23 @@ def argument(args: tuple, kwargs: dict, name: str, index: int):
 
 def with_mask(args: tuple, kwargs: dict, name: str, mask: Tensor) -> tuple[tuple, dict]:
     """A layer's call with its attention mask (second argument, or keyword `name`) replaced."""
-    if name in kwargs or len(args) < 2:
-        return args, {**kwargs, name: mask}
-    return (args[0], mask, *args[2:]), kwargs
+    return with_argument(args, kwargs, name, 1, mask)
+
+
+def with_argument(args: tuple, kwargs: dict, name: str, index: int, value) -> tuple[tuple, dict]:
+    """A call with its argument given by keyword `name` or at position `index` replaced by value."""
+    if name in kwargs or len(args) <= index:
+        return args, {**kwargs, name: value}
+    return (*args[:index], value, *args[index + 1 :]), kwargs
+
+
+def pairs_at(t: Tensor, index: Tensor) -> Tensor:
+    """(B|1, H, N, N) a per-position-pair tensor (attention mask, position bias), (B, M) positions
+    -> (B, H, M, M) its entries between those positions, row and column."""
+    B, M = index.shape
+    H = t.shape[1]
+    rows = t.expand(B, -1, -1, -1).gather(2, index[:, None, :, None].expand(-1, H, -1, t.shape[3]))
+    return rows.gather(3, index[:, None, None, :].expand(-1, H, M, -1))
 
 
 def first(out):

@@ -1,4 +1,4 @@
-"""Hugging Face text encoders (BERT family).
+"""Hugging Face text encoders (BERT family, MPNet).
 
 The adapter adds hooks and never replaces a forward: the host model's own attention, norms,
 residuals and dropout run unchanged, so a new transformers release cannot silently lose a piece of
@@ -10,7 +10,8 @@ the computation. The hooks:
     wherever padding sits), and reduce at point 0 (the embeddings' output);
   - after each layer's attention block: let the method decide, and apply its reduction;
   - before each layer: once tokens were reduced, hand the layer the engine's attention mask
-    (padding, plus log size for proportional attention);
+    (padding, plus log size for proportional attention), and for MPNet the position bias of the
+    tokens' original positions (`TextPatch.position_bias`);
   - on the query, key and value projections, only for methods that read attention;
   - after the last layer: close the pass.
 """
@@ -27,13 +28,26 @@ from torch import Tensor, nn
 
 from ..methods import Method
 from . import checks
-from .base import Forward, Patch, argument, check_attention, first, replace_first, with_mask
+from .base import (
+    Forward,
+    Patch,
+    argument,
+    check_attention,
+    first,
+    pairs_at,
+    replace_first,
+    with_argument,
+    with_mask,
+)
 
 
 @dataclass(frozen=True)
 class Family:
     """Where one family of encoders keeps its embeddings and layers, the block after which tokens
-    are reduced (its output is what the MLP consumes) and the query, key, value projections."""
+    are reduced (its output is what the MLP consumes) and the query, key, value projections.
+    position_bias: the layers' argument that carries a relative position bias shared by every
+    layer (MPNet), computed by the host for the unreduced input; None where positions are added
+    once, at the embeddings."""
 
     name: str
     model_types: tuple[str, ...]
@@ -42,6 +56,7 @@ class Family:
     merge_after: str
     qkv: tuple[str, str, str]
     has_cls: bool = True  # position 0 is a [CLS]-like summary token
+    position_bias: str | None = None
 
 
 FAMILIES = (
@@ -60,6 +75,15 @@ FAMILIES = (
         layers="transformer.layer",
         merge_after="sa_layer_norm",
         qkv=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+    ),
+    Family(
+        "mpnet",
+        ("mpnet",),
+        embeddings="embeddings",
+        layers="encoder.layer",
+        merge_after="attention",
+        qkv=("attention.attn.q", "attention.attn.k", "attention.attn.v"),
+        position_bias="position_bias",
     ),
 )
 
@@ -113,15 +137,58 @@ def ends(mask: Tensor) -> Tensor:
     return (positions == first_real[:, None]) | (positions == last_real[:, None])
 
 
+def host_position_bias(host: Tensor | None, x: Tensor) -> Tensor | None:
+    """The position bias the host hands its first layer, checked: (B|1, H, N, N) for the hidden
+    states x (B, N, C), or None (no bias, nothing to follow)."""
+    B, N, _ = x.shape
+    if host is None or (host.dim() == 4 and host.shape[0] in (1, B) and host.shape[2:] == (N, N)):
+        return host
+    raise ValueError(
+        f"the position bias this encoder hands its layers has shape {tuple(host.shape)}, and tokenfuse "
+        f"reads one of shape (batch, heads, {N}, {N}) for {N} tokens: this transformers version lays out "
+        "its encoders differently from the one tokenfuse was tested with (5.x)"
+    )
+
+
+def parameter_index(module: nn.Module, name: str) -> int:
+    """Where `module.forward` takes argument `name`, for reading it from a hook's positional args."""
+    parameters = list(inspect.signature(module.forward).parameters)
+    if name not in parameters:
+        raise TypeError(
+            f"{type(module).__name__}.forward takes no {name}: this transformers version lays out its "
+            "encoders differently from the one tokenfuse was tested with (5.x)"
+        )
+    return parameters.index(name)
+
+
 @dataclass(eq=False)
 class TextForward(Forward):
-    """named: (B, N) tokens protected by id, found at the embeddings, before the padding is known."""
+    """named: (B, N) tokens protected by id, found at the embeddings, before the padding is known.
+    host_bias: (B|1, H, N, N) the position bias the host hands its layers (MPNet), kept from the
+    first layer until the pass ends. bias: (origin, the bias between the tokens at that origin), the
+    bias of the current tokens, gathered once per reduction."""
 
     named: Tensor | None = None
+    host_bias: Tensor | None = None
+    bias: tuple[Tensor, Tensor] | None = None
 
 
 class TextPatch(Patch):
-    """Token reduction installed on one Hugging Face encoder."""
+    """Token reduction installed on one Hugging Face encoder.
+
+    MPNet scores attention with a relative position bias: its encoder computes one (B, H, N, N)
+    bias from the positions of the unreduced input and hands it to every layer. Once tokens are
+    reduced, each layer is handed the host's own bias gathered at the original positions of the
+    tokens it now holds (`base.Forward.origin`), so that the bias between two tokens is the one
+    between the positions they came from, whatever slot they sit in now. A pruned token's position
+    leaves with it; a merged token keeps the position of the token it was merged into, the one
+    whose slot survives (ToMe's B-token, EViT's most attended inattentive token), not a
+    size-weighted mean: positions then stay distinct and each is one the merged token's own tokens
+    held, while a mean can put two tokens on one position (the bias a token has to itself) or a
+    merge of similar, far-apart tokens at a position none of them held, and would need the
+    (B, N, N0) source tracked. The bias is gathered, not recomputed, so the host's bucketing is not
+    redone here and cannot drift (its own `compute_position_bias(position_ids=...)` fails on
+    transformers 5.24 for any shape of position ids)."""
 
     state_type = TextForward
 
@@ -139,13 +206,10 @@ class TextPatch(Patch):
         self.family = family
         self.protect_ids = torch.tensor(sorted(set(protect_ids)), dtype=torch.long)
         embeddings = base.get_submodule(family.embeddings)
-        parameters = list(inspect.signature(embeddings.forward).parameters)
-        if "input_ids" not in parameters:
-            raise TypeError(
-                f"{type(embeddings).__name__}.forward takes no input_ids: this transformers version lays "
-                "out its encoders differently from the one tokenfuse was tested with (5.x)"
-            )
-        self._ids_at = parameters.index("input_ids")
+        self._ids_at = parameter_index(embeddings, "input_ids")
+        self.tracks_origin = family.position_bias is not None
+        if self.tracks_origin:
+            self._bias_at = parameter_index(layers[0], family.position_bias)
 
         self.hold(embeddings.register_forward_pre_hook(self._start, with_kwargs=True, prepend=True))
         for i, layer in enumerate(layers):
@@ -177,6 +241,10 @@ class TextPatch(Patch):
             return None
         x = args[0]
         if index == 0:
+            if self.tracks_origin:
+                fwd.host_bias = host_position_bias(
+                    argument(args, kwargs, self.family.position_bias, self._bias_at), x
+                )
             mask = padding_of(argument(args, kwargs, "attention_mask", 1), x)
             protected = ends(mask) if fwd.named is None else ends(mask) | fwd.named
             self.begin(fwd, mask, protected)
@@ -184,7 +252,26 @@ class TextPatch(Patch):
             if reduced is not None:
                 args = (reduced, *args[1:])
         bias = self.enter(fwd, x.dtype)
-        return None if bias is None else with_mask(args, kwargs, "attention_mask", bias)
+        if bias is None:
+            return None
+        args, kwargs = with_mask(args, kwargs, "attention_mask", bias)
+        if fwd.host_bias is None:
+            return args, kwargs
+        return with_argument(args, kwargs, self.family.position_bias, self._bias_at, self.position_bias(fwd))
+
+    def position_bias(self, fwd: TextForward) -> Tensor:
+        """(B, H, N, N) the host's position bias between the original positions of the current
+        tokens (see the class docstring), gathered once per reduction."""
+        if fwd.bias is None or fwd.bias[0] is not fwd.origin:
+            fwd.bias = (fwd.origin, pairs_at(fwd.host_bias, fwd.origin))
+        return fwd.bias[1]
+
+    def close(self, module: nn.Module, args: tuple, out) -> None:
+        """The pass ends: its position biases (as large as an attention map) are let go too."""
+        fwd = self.current()
+        if fwd is not None:
+            fwd.host_bias = fwd.bias = None
+        super().close(module, args, out)
 
     def _reduce(self, point: int, module: nn.Module, args: tuple, out):
         fwd = self.current()

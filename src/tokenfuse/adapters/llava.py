@@ -29,7 +29,7 @@ from ..core import Tokens, reduce
 from ..core.reduce import kept_index
 from ..methods import Method, VisualInput, VisualMethod
 from . import vision
-from .base import Forward, Hooks, ahead, check_attention, left_padded
+from .base import Forward, Hooks, ahead, check_attention, left_padded, pairs_at
 
 _RECORD = "_tokenfuse_record"
 _TOWER = "_tokenfuse_tower"
@@ -511,10 +511,7 @@ class LlavaPatch(Hooks):
         if host is None:
             allowed = causal[None, None] & valid[:, None, None, :]
         else:
-            rows = host.expand(B, -1, -1, -1).gather(
-                2, at[:, None, :, None].expand(-1, host.shape[1], -1, host.shape[3])
-            )
-            allowed = rows.gather(3, at[:, None, None, :].expand(-1, host.shape[1], L, -1))
+            allowed = pairs_at(host, at)
             allowed = (allowed if allowed.dtype == torch.bool else allowed == 0) & valid[:, None, None, :]
         allowed = allowed | torch.eye(L, dtype=torch.bool, device=index.device) & ~valid[:, None, :, None]
         if host is None and bool(valid.all()):
