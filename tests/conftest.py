@@ -19,6 +19,8 @@ from transformers import (
     Dinov2WithRegistersModel,
     DistilBertConfig,
     DistilBertModel,
+    MPNetConfig,
+    MPNetModel,
     RobertaConfig,
     RobertaModel,
     ViTConfig,
@@ -77,6 +79,26 @@ MODELS = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilb
 
 # Tiny vision transformers: 32x32 images in 4x4 patches, 64 patches plus [CLS] (and friends).
 VIT = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
+
+
+def tiny_mpnet(attn: str = "eager", layers: int = 3) -> MPNetModel:
+    """transformers 5 gives MPNet eager attention only; sdpa is skipped until it has it."""
+    torch.manual_seed(0)
+    try:
+        config = MPNetConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=130,
+            attn_implementation=attn,
+        )
+        return MPNetModel(config).eval()
+    except ValueError as e:
+        if "does not support an attention implementation" in str(e):
+            pytest.skip(f"this transformers has no {attn} attention for MPNet")
+        raise
 
 
 def tiny_vit(attn: str = "sdpa") -> ViTForImageClassification:

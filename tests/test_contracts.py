@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import ATTN, MODELS, PREFIX, VISION, images, vision_outputs
-from test_mpnet import tiny_mpnet
+from conftest import ATTN, MODELS, PREFIX, VISION, images, tiny_mpnet, vision_outputs
 
 import tokenfuse
 from tokenfuse.core import Reduction

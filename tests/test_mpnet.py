@@ -10,13 +10,12 @@ import functools
 
 import pytest
 import torch
+from conftest import tiny_mpnet
 from test_adapter_state import SlowToMe, assert_runs_match, in_threads
 from transformers import (
     AutoTokenizer,
-    MPNetConfig,
     MPNetForMaskedLM,
     MPNetForSequenceClassification,
-    MPNetModel,
 )
 
 import tokenfuse
@@ -26,26 +25,6 @@ from tokenfuse.core import Reduction, pool_mean
 from tokenfuse.methods import Method
 
 SIDES = ("right", "left")
-
-
-def tiny_mpnet(attn: str = "eager", layers: int = 3) -> MPNetModel:
-    """transformers 5 gives MPNet eager attention only; sdpa is skipped until it has it."""
-    torch.manual_seed(0)
-    try:
-        config = MPNetConfig(
-            vocab_size=30522,
-            hidden_size=32,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=130,
-            attn_implementation=attn,
-        )
-        return MPNetModel(config).eval()
-    except ValueError as e:
-        if "does not support an attention implementation" in str(e):
-            pytest.skip(f"this transformers has no {attn} attention for MPNet")
-        raise
 
 
 @functools.cache
@@ -270,3 +249,10 @@ def test_a_sequence_classifier_is_reduced_and_a_masked_lm_refused(texts):
     assert torch.equal(before, same) and reduced.shape == before.shape and not torch.equal(reduced, before)
     with pytest.raises(TypeError, match="MPNetForMaskedLM returns one output per input token"):
         tokenfuse.apply(MPNetForMaskedLM(config), "tome", keep=0.5)
+
+
+def test_max_length_leaves_the_two_positions_before_the_first_token():
+    """MPNet's position ids start after the padding index, as RoBERTa's: 130 positions hold 128 tokens."""
+    from tokenfuse.api.text import model_max_length
+
+    assert model_max_length(tiny_mpnet(), mpnet_tokenizer()) == 128

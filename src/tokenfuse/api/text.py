@@ -51,7 +51,7 @@ class Batch:
 
 def model_max_length(model: nn.Module, tokenizer) -> int:
     limits = [getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
-    if getattr(model.config, "model_type", None) in ("roberta", "xlm-roberta"):
+    if getattr(model.config, "model_type", None) in ("roberta", "xlm-roberta", "mpnet"):
         limits[0] -= 2  # position ids start after the padding index
     return min(n for n in limits if n is not None and n < 1_000_000)
 
