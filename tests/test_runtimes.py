@@ -121,20 +121,24 @@ def test_the_bench_gives_a_row_per_configuration_and_runtime(tokenizer, texts):
     assert rows[2]["tokens"] == 1.0 and rows[3]["tokens"] == pytest.approx(rows[1]["tokens"])
     assert rows[2]["cosine"] < 1 and rows[3]["scoring"] > 0
     assert any(n.startswith("int8: torch.ao.quantization.quantize_dynamic") for n in notes)
-    shown = [column.header for column in table("t", "c", rows).columns]
-    assert shown[:3] == ["name", "method", "runtime"]
-    assert "runtime" not in [c.header for c in table("t", "c", rows[:2]).columns]  # all eager: no column
+
+    def headers(rows: list[dict]) -> list[str]:
+        return [column.header for column in table("t", "c", rows).columns]
+
+    assert headers(rows)[:2] == ["method", "runtime"]  # the name says no more than these two
+    assert headers([*rows, {**rows[3], "name": "config+int8"}])[:3] == ["name", "method", "runtime"]
+    assert "runtime" not in headers(rows[:2])  # all eager: no column
 
 
 def test_the_alternatives_are_named_methods_but_not_in_all():
-    names = measure.method_names(
-        "tome,onnxruntime,minilm-l3", bench_text.BASELINES, extra=bench_text.ALTERNATIVES
-    )
-    assert names == ["tome", "onnxruntime", "minilm-l3"]
-    every = measure.method_names("all", bench_text.BASELINES, extra=bench_text.ALTERNATIVES)
-    assert not set(every) & set(bench_text.ALTERNATIVES)
+    def names(spec: str) -> list[str]:
+        return measure.method_names(spec, bench_text.BASELINES, extra=bench_text.ALTERNATIVES)
+
+    assert names("tome,onnxruntime,minilm-l3") == ["tome", "onnxruntime", "minilm-l3"]
+    assert not set(names("all")) & set(bench_text.ALTERNATIVES)
+    assert names("all,minilm-l3")[-1] == "minilm-l3"
     with pytest.raises(ValueError, match="choose from: all, full, truncation, .*onnxruntime, minilm-l3"):
-        measure.method_names("tome,foo", bench_text.BASELINES, extra=bench_text.ALTERNATIVES)
+        names("tome,foo")
 
 
 @pytest.fixture
@@ -199,3 +203,23 @@ def test_onnxruntime_baseline_reproduces_the_model(tokenizer, texts):
     full, full_tokens = embeddings(t, FULL)
     np.testing.assert_allclose(ort, full, atol=1e-4)
     np.testing.assert_array_equal(ort_tokens, full_tokens)
+
+
+def test_compile_notes_say_when_timing_or_the_recompile_limit_went_wrong(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    before = measure.compilations()
+    monkeypatch.setitem(counters, "unimplemented", {**counters["unimplemented"]})
+    counters["unimplemented"]["Dynamo recompile limit exceeded\n  Explanation: ..."] = 2
+    assert measure.compilations()["limit_hits"] == before["limit_hits"] + 2
+    first = {"graphs": 40, "graph_breaks": 26, "limit_hits": 0}
+    clean = bench_text._compile_note("tome+compile @ 0.5", {"first": first})
+    assert clean == (
+        "torch.compile, tome+compile @ 0.5: 40 graphs (26 graph breaks) compiled in its untimed first pass, "
+        "0 during the timed passes, 0 during the quality passes"
+    )
+    late = bench_text._compile_note("x", {"first": first, "timed": {**first, "graphs": 3, "limit_hits": 1}})
+    assert late.endswith(
+        "; the timed passes include compilation; the recompile limit was reached 1 times (those functions "
+        "run eagerly from then on)"
+    )

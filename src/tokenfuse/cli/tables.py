@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from ..eval.columns import COLUMNS, text
+from ..eval.measure import Config
 from ..methods import available
 from ..methods.registry import Kind
 
@@ -19,11 +20,11 @@ CAPTION = (
 
 
 def table(title: str, caption: str, rows: list[dict[str, Any]]) -> Table:
-    """The known columns the first row has; "name" only where it says more than the method
-    (configurations, calibrations, runtimes), "runtime" only where a row runs on another than eager."""
+    """The known columns the first row has; "name" only where it says more than the method and
+    runtime (configurations, calibrations), "runtime" only where a row runs on another than eager."""
     out = Table(title=title, caption=caption)
     shown = {
-        "name": any(r.get("name", r["method"]) != r["method"] for r in rows),
+        "name": any(r.get("name", r["method"]) != _plain_name(r) for r in rows),
         "runtime": any(r.get("runtime", "eager") != "eager" for r in rows),
     }
     columns = [c for c in COLUMNS if c.key in rows[0] and shown.get(c.key, True)]
@@ -32,6 +33,11 @@ def table(title: str, caption: str, rows: list[dict[str, Any]]) -> Table:
     for row in rows:
         out.add_row(*(text(c.key, row.get(c.key)) for c in columns))
     return out
+
+
+def _plain_name(row: dict[str, Any]) -> str:
+    """What a row is called when it is named by its method and runtime alone."""
+    return Config(row["method"], row.get("keep", 1.0), runtime=row.get("runtime", "eager")).title
 
 
 def result_tables(results: dict[str, Any]) -> list[Table]:

@@ -137,17 +137,18 @@ class TextTask:
             return model
         baseline = config.method in BASELINES or config.method in self.others
         key = (id(model), config.runtime, None if baseline else config.label)
-        if key not in self._runtimes:
-            self._runtimes[key] = measure.runtime_model(model, config, baseline)
-        model = self._runtimes[key]
-        if which == "texts" and (key, prefix) not in self._warm:
-            self._warm.add((key, prefix))
-            before = measure.compilations()
-            with _compiler_quiet():
+        compiled = config.runtime == "compile"
+        with _compiler_quiet() if compiled else contextlib.nullcontext():
+            if key not in self._runtimes:
+                self._runtimes[key] = measure.runtime_model(model, config, baseline)
+            model = self._runtimes[key]
+            if which == "texts" and (key, prefix) not in self._warm:
+                self._warm.add((key, prefix))
+                before = measure.compilations() if compiled else {}
                 for batch in self._batches[which, prefix]:
                     self._forward(config, model, batch)
-            if config.runtime == "compile":
-                self._count(config, "first", before)
+                if compiled:
+                    self._count(config, "first", before)
         return model
 
     def _count(self, config: Config, stage: str, before: dict[str, int]) -> None:
@@ -180,7 +181,7 @@ def _compile_note(label: str, stages: dict[str, dict[str, int]]) -> str:
     if done["timed"]["graphs"]:
         text += "; the timed passes include compilation"
     if hits := sum(d["limit_hits"] for d in done.values()):
-        text += f"; {hits} functions reached the recompile limit and run eagerly from then on"
+        text += f"; the recompile limit was reached {hits} times (those functions run eagerly from then on)"
     return text
 
 
