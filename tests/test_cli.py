@@ -194,3 +194,16 @@ def test_a_model_that_cannot_be_loaded_is_one_clear_line(tmp_path, capsys, monke
     paths = {"tmp": tmp_path, "bare": model_without_tokenizer(tmp_path / "bare")}
     assert cli.main(["bench", "--model", model.format(**paths), "--no-progress"]) == 2
     assert expected.format(**paths) in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--task", "st", "--model", "x"], "the st bench runs the packaged MiniLM on BBC News: drop --model"),
+        (["--task", "embed", "--set", "a=1"], "drop --set"),
+        (["--task", "vlm", "--data", "fmnist", "--config", "c.json"], "drop --data, --config"),
+    ],
+)
+def test_packaged_benches_refuse_other_assets(capsys, argv, message):
+    assert cli.main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -34,6 +34,20 @@ def _names(text: str | None) -> tuple[str, ...]:
     return tuple(n.strip() for n in (text or "").split(",") if n.strip())
 
 
+def _packaged_only(args: argparse.Namespace, task: str, runs_on: str, *also: str) -> None:
+    """A bench that runs on packaged assets alone refuses the options that would choose others."""
+    flags = {
+        "model": "--model",
+        "data": "--data",
+        "data_path": "--data-path",
+        "config": "--config",
+        "options": "--set",
+    }
+    given = [flag for key, flag in flags.items() if (key in also or key != "options") and getattr(args, key)]
+    if given:
+        raise ValueError(f"the {task} bench runs {runs_on}: drop {', '.join(given)}")
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from ..eval import bench_text as bench
     from ..eval import bench_vision
@@ -49,11 +63,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.task == "embed":
         from ..eval import bench_corpus
 
-        if args.model or args.data or args.data_path or args.config or args.options:
-            raise ValueError(
-                "the embed bench runs the packaged MiniLM on BBC News paragraphs: drop "
-                "--model/--data/--config/--set"
-            )
+        _packaged_only(args, "embed", "the packaged MiniLM on BBC News paragraphs", "options")
         if args.keep is not None and len(args.keep) != 1:
             raise ValueError("the embed bench runs one budget: give one --keep")
         return bench_corpus.run(
@@ -68,10 +78,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.task == "vlm":
         from ..eval import bench_vlm
 
-        if args.model or args.data or args.data_path or args.config:
-            raise ValueError(
-                "the vlm bench runs the packaged VLM on Fashion-MNIST: drop --model/--data/--config"
-            )
+        _packaged_only(args, "vlm", "the packaged VLM on Fashion-MNIST")
         return bench_vlm.run(
             methods=args.method or "all",
             keeps=args.keep or bench_vlm.KEEPS,
@@ -84,10 +91,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.task == "st":
         from ..eval import bench_st
 
-        if args.model or args.data or args.data_path or args.config:
-            raise ValueError(
-                "the st bench runs the packaged MiniLM on BBC News: drop --model/--data/--config"
-            )
+        _packaged_only(args, "st", "the packaged MiniLM on BBC News")
         return bench_st.run(
             methods=args.method or "tome",
             keeps=args.keep or (0.5,),
