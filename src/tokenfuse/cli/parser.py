@@ -159,7 +159,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--engine", choices=("local", "ray"), default="local", help="this process, or Ray Data")
     e.add_argument("--address", help="ray: an existing Ray cluster's address (default: start a local one)")
     e.add_argument("--actors", type=int, help="ray: actors in the pool (default: CPUs / threads)")
-    e.add_argument("--threads", type=int, help="torch threads (per actor with ray; default: all / 4)")
+    e.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's own; with ray, per actor, default min(4, CPUs))",
+    )
     e.add_argument("--json", type=Path, help="also write the run's summary as JSON to this path")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
