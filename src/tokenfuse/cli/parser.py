@@ -25,6 +25,18 @@ def _option(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _method_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--set",
+        dest="options",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. --set similarity=keys (repeatable)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenfuse", description="Training-free token reduction, measured.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,15 +87,7 @@ def parser() -> argparse.ArgumentParser:
         "(default 500; vlm 200)",
     )
     b.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median is reported)")
-    b.add_argument(
-        "--set",
-        dest="options",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="method option, e.g. --set similarity=keys (repeatable)",
-    )
+    _method_options(b)
     b.add_argument("--config", help="text: also bench a configuration written by `tokenfuse calibrate`")
     b.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -137,15 +141,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="minilm", help="packaged name, model folder or hub id")
     e.add_argument("--method", help="a token method (default tome), or full for the unreduced model")
     e.add_argument("--keep", type=float, help="work fraction in (0, 1] (default 0.5)")
-    e.add_argument(
-        "--set",
-        dest="options",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a method option, as in bench",
-    )
+    _method_options(e)
     e.add_argument("--config", type=Path, help="a configuration written by `tokenfuse calibrate`")
     e.add_argument("--max-length", type=int, help="tokens per text (default: the model's maximum)")
     e.add_argument("--batch-size", type=int, default=32)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import __version__
-from ..api import apply, embed
+from ..api import apply, embed, patch_of
 from ..api.progress import progress_bar
 from ..api.text import TruncationWarning
 from ..assets.text import load_text_model
@@ -69,8 +69,6 @@ class Settings:
 
     def describe(self, model) -> dict[str, Any]:
         """The settings as recorded in the manifest and each shard's metadata (the budget resolved)."""
-        from ..api import patch_of
-
         patch = patch_of(model)
         method = patch.method if patch is not None else None
         return {

@@ -59,12 +59,9 @@ def done_shards(folder: Path) -> set[int]:
 
 
 def prepare(folder: Path, job: dict[str, Any]) -> None:
-    """Make `folder` the output of `job`: create it, or check that it holds this same job (else an
-    error naming what differs). Leftovers of a killed run are deleted."""
-    if not folder.parent.is_dir():
-        raise ValueError(
-            f"output {folder}: folder {folder.parent} does not exist; create it or write elsewhere"
-        )
+    """Make `folder` (whose parent `embed_corpus` checked) the output of `job`: create it, or check
+    that it holds this same job (else an error naming what differs). Leftovers of a killed run are
+    deleted."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"output {folder} is a file; give a folder for the shards")
     manifest = folder / MANIFEST

@@ -98,14 +98,11 @@ class Source:
     def scan(self, shard_size: int) -> Scan:
         """Read every row once: validate it, check ids are unique, note where each shard starts."""
         starts, bad, seen, n = [], [], set(), 0
-        first_texts = 0
         for position, row in self._rows(0):
             if n % shard_size == 0:
                 starts.append(position)
             if row.problem:
                 bad.append(row)
-            else:
-                first_texts += 1
             key = (type(row.id).__name__, row.id)
             if key in seen:
                 raise ValueError(f"{self.path}: id {row.id!r} occurs more than once; ids must be unique")
@@ -113,7 +110,7 @@ class Source:
             n += 1
         if n == 0:
             raise ValueError(f"{self.path} holds no rows")
-        if first_texts == 0 and self.format == "jsonl":
+        if len(bad) == n and self.format == "jsonl":
             raise ValueError(
                 f"{self.path}: no row has a text in field {self.text_field!r} ({bad[0].problem}); choose "
                 "the field with --text-field"
