@@ -15,6 +15,7 @@ over to the copy's own Patch, whose per-thread slots start empty.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ class Forward:
     """The state of one forward pass, seen by that pass's hooks only.
 
     tokens: the token state after the latest reduction; None until the pass knows its padding.
-    n0: (B,) real tokens at the start, the base of the schedule's fractions.
+    n0: (B,) real tokens at the start, the base of the schedule's fractions. width: the padded
+    length at the start, the base of static mode's widths.
     trace: per layer, (tokens entering it, tokens after its reduction), for the work accounting.
     qkv: the current layer's per-head q, k, v (B, H, N, D), until a reduction point consumes them.
     reduced: whether tokens were reduced (from then on layers attend with the engine's mask).
@@ -47,6 +49,7 @@ class Forward:
 
     tokens: Tokens | None = None
     n0: Tensor | None = None
+    width: int = 0
     trace: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     qkv: dict[str, Tensor] = field(default_factory=dict)
     reduced: bool = False
@@ -55,13 +58,16 @@ class Forward:
 
 class Hooks:
     """Hooks installed on one model, and the per-thread slots of its passes; `remove()` takes every
-    hook away. decide_seconds: time spent in the method's decisions by every forward of every
-    thread, for the bench. `state_type` is what a pass keeps."""
+    hook away. For the bench, by every forward of every thread: decide_seconds, the time spent in
+    the method's decisions; overhead_seconds, the time spent in the hooks installed `clocked`
+    (decisions included): what tokenfuse adds to the host model's own layers. Neither is kept while
+    torch.compile traces (a timer would split its graph). `state_type` is what a pass keeps."""
 
     state_type: ClassVar[type] = Forward
 
     def __init__(self) -> None:
         self.decide_seconds = 0.0
+        self.overhead_seconds = 0.0
         self._handles: list[RemovableHandle] = []
         self._new_slots()
 
@@ -112,12 +118,29 @@ class Hooks:
 
     def timed(self, decide, inp):
         """decide(inp), its time added to decide_seconds."""
+        if torch.compiler.is_compiling():
+            return decide(inp)
         start = time.perf_counter()
         out = decide(inp)
         seconds = time.perf_counter() - start
         with self._lock:
             self.decide_seconds += seconds
         return out
+
+    def clocked(self, hook) -> partial:
+        """The hook, its time added to overhead_seconds."""
+        return partial(self._clocked, hook)
+
+    def _clocked(self, hook, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return hook(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return hook(*args, **kwargs)
+        finally:
+            seconds = time.perf_counter() - start
+            with self._lock:
+                self.overhead_seconds += seconds
 
 
 class Patch(Hooks):
@@ -134,6 +157,8 @@ class Patch(Hooks):
         self.schedule = method.schedule_for(num_layers)
         self.wants_attention = bool(method.needs & method.ATTENTION_INPUTS)
         self.tracks_origin = False  # set by adapters whose host reads positions after the embeddings
+        #: how many tokens every sequence protects, known before any input (static mode's margin)
+        self.fixed_protected = 0
 
     @property
     def tokens(self) -> Tokens | None:
@@ -152,6 +177,7 @@ class Patch(Hooks):
         """The pass knows its padding: every real token stands for itself."""
         fwd.tokens = Tokens.start(mask, protected, track_source=self.method.track_source)
         fwd.n0 = fwd.tokens.count
+        fwd.width = mask.shape[1]
 
     def enter(self, fwd: Forward, dtype: torch.dtype) -> Tensor | None:
         """A layer starts: the engine's attention mask once tokens were reduced, else None (the
@@ -163,7 +189,7 @@ class Patch(Hooks):
 
     def keeper(self, name: str) -> partial:
         """Forward hook for a projection: keep its per-head output as q, k or v ("qkv": fused)."""
-        return partial(self._keep, name)
+        return self.clocked(partial(self._keep, name))
 
     def _keep(self, name: str, module: nn.Module, args: tuple, out: Tensor) -> None:
         fwd = self.current()
@@ -175,21 +201,29 @@ class Patch(Hooks):
             fwd.qkv[part] = heads[:, :, i].transpose(1, 2)
 
     def reduce_at(self, fwd: Forward, point: int, x: Tensor) -> Tensor | None:
-        """Let the method decide at reduction point `point` and apply it; None if nothing to do."""
+        """Let the method decide at reduction point `point` and apply it; None if nothing to do.
+
+        Static mode (`Method.static`) reads nothing back from the tensors: each point runs, and the
+        reduced width is ceil(starting width * fraction), which holds every sequence's target, plus
+        the protected tokens (a method may fall short of a target by those it must leave alone,
+        on very short sequences: [CLS] x [SEP] cannot be merged further), at most the current width.
+        A sequence that still does not fit stops with an error on the device (`core.reduce`)."""
         fraction = self.schedule[point]
         if fraction >= 1.0:
             return None
+        static = self.method.static
         tokens = fwd.tokens
         floor = tokens.protected.sum(-1)
         target = torch.maximum(torch.ceil(fwd.n0 * fraction).long(), floor)
         remove = (tokens.count - target).clamp_min(0)
-        if not bool(remove.any()):
+        if not static and not bool(remove.any()):
             return None
+        width = min(x.shape[1], math.ceil(fwd.width * fraction) + self.fixed_protected) if static else None
         qkv = fwd.qkv
         if not fwd.reduced:
             if self.tracks_origin:
                 fwd.origin = ahead(tokens.mask)  # the layout right_padded gives
-            x, tokens, qkv = right_padded(x, tokens, qkv)
+            x, tokens, qkv = right_padded(x, tokens, qkv, always=static)
         inp = LayerInput(
             point=point,
             x=x,
@@ -203,8 +237,8 @@ class Patch(Hooks):
         fwd.qkv = {}
         red = self.timed(self.method.decide, inp)
         if self.tracks_origin:
-            fwd.origin = fwd.origin.gather(1, kept_index(tokens, red).clamp_min(0))
-        x, fwd.tokens = reduce(x, tokens, red)
+            fwd.origin = fwd.origin.gather(1, kept_index(tokens, red, width).clamp_min(0))
+        x, fwd.tokens = reduce(x, tokens, red, width)
         fwd.reduced = True
         if point > 0:
             fwd.trace[-1] = (fwd.trace[-1][0], fwd.tokens.count)
@@ -212,15 +246,17 @@ class Patch(Hooks):
 
 
 def right_padded(
-    x: Tensor, tokens: Tokens, qkv: dict[str, Tensor]
+    x: Tensor, tokens: Tokens, qkv: dict[str, Tensor], always: bool = False
 ) -> tuple[Tensor, Tokens, dict[str, Tensor]]:
     """A left-padded batch laid out as a right-padded one: the real tokens of each sequence moved,
     in order, ahead of its padding, in the features (B, N, C), the token state and the captured
     q, k, v (B, H, N, D). Methods then see every sequence as it would be alone (ToMe's split reads
     positions). Exact (a gather); nothing before the first reduction depends on where padding sits,
-    since the host's layers see positions only through their embeddings and the mask."""
+    since the host's layers see positions only through their embeddings and the mask. always: move
+    them without first reading whether any row is left-padded (static mode; a right-padded batch
+    stays as it is)."""
     mask = tokens.mask
-    if not left_padded(mask):
+    if not always and not left_padded(mask):
         return x, tokens, qkv
     order = ahead(mask)
 

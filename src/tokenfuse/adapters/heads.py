@@ -95,15 +95,15 @@ class _TimmPooling(_Pooling):
         self.model = model
 
     def hooks(self) -> list[RemovableHandle]:
-        model = self.model
+        model, clocked = self.model, self.patch.clocked
         handles = [
-            model.norm.register_forward_hook(self.keep, prepend=True),
-            model.fc_norm.register_forward_pre_hook(self.before_fc_norm, prepend=True),
+            model.norm.register_forward_hook(clocked(self.keep), prepend=True),
+            model.fc_norm.register_forward_pre_hook(clocked(self.before_fc_norm), prepend=True),
         ]
         if model.attn_pool is not None:
             handles.append(
                 model.attn_pool.register_forward_pre_hook(
-                    self.before_attn_pool, with_kwargs=True, prepend=True
+                    clocked(self.before_attn_pool), with_kwargs=True, prepend=True
                 )
             )
         return handles
@@ -134,9 +134,10 @@ class _HfMeanPooling(_Pooling):
         self.model, self.prefix = model, prefix
 
     def hooks(self) -> list[RemovableHandle]:
+        clocked = self.patch.clocked
         return [
-            self.model.base_model.layernorm.register_forward_hook(self.keep, prepend=True),
-            self.model.classifier.register_forward_pre_hook(self.before_classifier, prepend=True),
+            self.model.base_model.layernorm.register_forward_hook(clocked(self.keep), prepend=True),
+            self.model.classifier.register_forward_pre_hook(clocked(self.before_classifier), prepend=True),
         ]
 
     def before_classifier(self, module: nn.Module, args: tuple):

@@ -106,25 +106,31 @@ def padding_of(host: Tensor | None, x: Tensor) -> Tensor:
     hands its first layer: None (nothing masked), or a (B|1, H|1, N|1, N) mask, bool (True
     attends) or additive float (0 attends, the dtype's minimum masks). A bidirectional encoder's
     padding mask gives every real query the same row: the real keys, which are also the tokens that
-    attend to themselves. Any other mask (causal, custom) is refused rather than misread."""
+    attend to themselves. Any other mask (causal, custom) is refused rather than misread (while
+    torch.compile traces, by a check on the device: reading it back would split the graph)."""
     B, N, _ = x.shape
     if host is None:
         return torch.ones(B, N, dtype=torch.bool, device=x.device)
-    if host.dtype == torch.bool:
-        attend, clean = host, True
-    else:
-        attend = host == 0
-        clean = bool((attend | (host <= torch.finfo(host.dtype).min / 2)).all())
-    if host.dim() == 4:
-        attend = attend.expand(B, attend.shape[1], N, N)
-        real = attend[:, 0].diagonal(dim1=-2, dim2=-1)  # (B, N)
-        if clean and bool(((attend == real[:, None, None, :]) | ~real[:, None, :, None]).all()):
-            return real
-    raise ValueError(
+    refused = (
         f"tokenfuse reads the padding from the attention mask the encoder hands its layers, and this "
         f"one ({tuple(host.shape)}, {host.dtype}) is not a padding mask of a bidirectional encoder; "
         "pass a 2-D attention_mask of 0s and 1s to the model"
     )
+    if host.dim() != 4:
+        raise ValueError(refused)
+    if host.dtype == torch.bool:
+        attend = host.expand(B, host.shape[1], N, N)
+    else:  # additive: every entry attends (0) or masks (the dtype's minimum)
+        attend = (host == 0).expand(B, host.shape[1], N, N)
+    real = attend[:, 0].diagonal(dim1=-2, dim2=-1)  # (B, N)
+    valid = ((attend == real[:, None, None, :]) | ~real[:, None, :, None]).all()
+    if host.dtype != torch.bool:
+        valid &= ((host == 0) | (host <= torch.finfo(host.dtype).min / 2)).all()
+    if torch.compiler.is_compiling():  # its message must be a constant
+        torch._assert_async(valid, "tokenfuse: not a padding mask; pass a 2-D attention_mask of 0s and 1s")
+    elif not bool(valid):
+        raise ValueError(refused)
+    return real
 
 
 def ends(mask: Tensor) -> Tensor:
@@ -205,24 +211,33 @@ class TextPatch(Patch):
         super().__init__(model, method, len(layers), model.config.num_attention_heads, family.has_cls)
         self.family = family
         self.protect_ids = torch.tensor(sorted(set(protect_ids)), dtype=torch.long)
+        if method.static and len(self.protect_ids):
+            raise ValueError(
+                "static=True lays batches out by widths known in advance, and tokens protected by id "
+                "(protect_ids) occur any number of times per text: use one or the other"
+            )
+        self.fixed_protected = 2  # the first and last real token
         embeddings = base.get_submodule(family.embeddings)
         self._ids_at = parameter_index(embeddings, "input_ids")
         self.tracks_origin = family.position_bias is not None
         if self.tracks_origin:
             self._bias_at = parameter_index(layers[0], family.position_bias)
 
-        self.hold(embeddings.register_forward_pre_hook(self._start, with_kwargs=True, prepend=True))
+        clocked = self.clocked
+        self.hold(embeddings.register_forward_pre_hook(clocked(self._start), with_kwargs=True, prepend=True))
         for i, layer in enumerate(layers):
             self.hold(
-                layer.register_forward_pre_hook(partial(self._enter, i), with_kwargs=True, prepend=True),
+                layer.register_forward_pre_hook(
+                    clocked(partial(self._enter, i)), with_kwargs=True, prepend=True
+                ),
                 layer.get_submodule(family.merge_after).register_forward_hook(
-                    partial(self._reduce, i + 1), prepend=True
+                    clocked(partial(self._reduce, i + 1)), prepend=True
                 ),
             )
             if self.wants_attention:
                 for name, path in zip("qkv", family.qkv, strict=True):
                     self.hold(layer.get_submodule(path).register_forward_hook(self.keeper(name)))
-        self.hold(layers[-1].register_forward_hook(self.close))
+        self.hold(layers[-1].register_forward_hook(clocked(self.close)))
 
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         fwd = self.open()

@@ -183,13 +183,15 @@ class LlavaPatch(Hooks):
         return found
 
     def _install(self, inner: nn.Module, attention: list[nn.Module]) -> None:
-        tower = inner.vision_tower
+        tower, clocked = inner.vision_tower, self.clocked
         self.hold(
-            inner.register_forward_pre_hook(self._begin, with_kwargs=True, prepend=True),
-            inner.register_forward_hook(self._end, with_kwargs=True, prepend=True),
-            tower.register_forward_pre_hook(self._tower_begin, with_kwargs=True, prepend=True),
-            tower.register_forward_hook(self._tower_end, prepend=True),
-            inner.multi_modal_projector.register_forward_pre_hook(self._tower_selected, prepend=True),
+            inner.register_forward_pre_hook(clocked(self._begin), with_kwargs=True, prepend=True),
+            inner.register_forward_hook(clocked(self._end), with_kwargs=True, prepend=True),
+            tower.register_forward_pre_hook(clocked(self._tower_begin), with_kwargs=True, prepend=True),
+            tower.register_forward_hook(clocked(self._tower_end), prepend=True),
+            inner.multi_modal_projector.register_forward_pre_hook(
+                clocked(self._tower_selected), prepend=True
+            ),
         )
         needs = self.boundary.needs if self.boundary is not None else frozenset()
         wanted = range(self.feature_layer + 1) if "cls_attention_layers" in needs else [self.feature_layer]
@@ -197,19 +199,19 @@ class LlavaPatch(Hooks):
             for i in wanted:
                 for name in ("q_proj", "k_proj"):
                     proj = getattr(attention[i], name)
-                    self.hold(proj.register_forward_hook(partial(self._tower_keep, i, name[0])))
+                    self.hold(proj.register_forward_hook(clocked(partial(self._tower_keep, i, name[0]))))
         layers = inner.language_model.layers
         for k, _ in self.stages:
             self.hold(
                 layers[k - 1].self_attn.register_forward_pre_hook(
-                    self._score_input, with_kwargs=True, prepend=True
+                    clocked(self._score_input), with_kwargs=True, prepend=True
                 )
             )
         if self.stages:
             for i in range(self.stages[0][0], len(layers)):
                 self.hold(
                     layers[i].register_forward_pre_hook(
-                        partial(self._layer, i), with_kwargs=True, prepend=True
+                        clocked(partial(self._layer, i)), with_kwargs=True, prepend=True
                     )
                 )
 

@@ -109,7 +109,8 @@ def modes_of(pooling: nn.Module) -> list[str]:
 
 class SentencePatch(Hooks):
     """The hooks on a SentenceTransformer's `Transformer` module, over `encoder`, the patch of the
-    encoder inside it. tokens, method, layer_tokens(), decide_seconds: the encoder patch's."""
+    encoder inside it. tokens, method, layer_tokens(), decide_seconds, overhead_seconds: the encoder
+    patch's."""
 
     def __init__(self, model: nn.Module, encoder: Patch):
         # Hooks.__init__ is not called: its decision timer is the encoder patch's (`decide_seconds`)
@@ -136,6 +137,10 @@ class SentencePatch(Hooks):
     @property
     def decide_seconds(self) -> float:
         return self.encoder.decide_seconds
+
+    @property
+    def overhead_seconds(self) -> float:
+        return self.encoder.overhead_seconds
 
     def layer_tokens(self) -> Tensor:
         return self.encoder.layer_tokens()

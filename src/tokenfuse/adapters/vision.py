@@ -150,16 +150,22 @@ class VisionPatch(Patch):
         checks.check_vision(model, method, timm=family is TIMM)
         super().__init__(model, method, len(layers), heads, has_cls=True)
         self.family = family
-        self.prefix = prefix_tokens(model)
+        self.prefix = self.fixed_protected = prefix_tokens(model)
 
-        self.hold(base.get_submodule(family.embeddings).register_forward_hook(self._embedded, prepend=True))
+        clocked = self.clocked
+        embedded = base.get_submodule(family.embeddings).register_forward_hook(
+            clocked(self._embedded), prepend=True
+        )
+        self.hold(embedded)
         for i, layer in enumerate(layers):
             mlp_in = layer.get_submodule(family.mlp_in)
             self.hold(
-                layer.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True),
-                mlp_in.register_forward_pre_hook(partial(self._before_mlp, i + 1), prepend=True),
-                layer.get_submodule(family.mlp_out).register_forward_hook(self._after_mlp, prepend=True),
-                layer.register_forward_hook(self._after_layer, prepend=True),
+                layer.register_forward_pre_hook(clocked(self._enter), with_kwargs=True, prepend=True),
+                mlp_in.register_forward_pre_hook(clocked(partial(self._before_mlp, i + 1)), prepend=True),
+                layer.get_submodule(family.mlp_out).register_forward_hook(
+                    clocked(self._after_mlp), prepend=True
+                ),
+                layer.register_forward_hook(clocked(self._after_layer), prepend=True),
             )
             if self.wants_attention:
                 names = ("qkv",) if len(family.qkv) == 1 else "qkv"
@@ -167,14 +173,14 @@ class VisionPatch(Patch):
                     self.hold(layer.get_submodule(path).register_forward_hook(self.keeper(name)))
                 if family is TIMM:
                     self.hold(*self._keep_normed(layer.attn))
-        self.hold(layers[-1].register_forward_hook(self.close))
+        self.hold(layers[-1].register_forward_hook(clocked(self.close)))
         self.hold(*weigh_pooling(self, model, family is TIMM, self.prefix))
 
     def _keep_normed(self, attn: nn.Module) -> list[RemovableHandle]:
         """timm attention with qk_norm: the queries and keys it uses are the outputs (B, H, N, D) of
         its q_norm and k_norm, kept in place of the projection's."""
         return [
-            norm.register_forward_hook(partial(self._keep_head_major, name))
+            norm.register_forward_hook(self.clocked(partial(self._keep_head_major, name)))
             for name in "qk"
             if not isinstance(norm := getattr(attn, f"{name}_norm"), nn.Identity)
         ]

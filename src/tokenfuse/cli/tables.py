@@ -15,7 +15,7 @@ from ..methods.registry import Kind
 
 CAPTION = (
     "tokens, FLOPs: per layer, relative to full; speedup: median of {repeats} interleaved runs; scoring: "
-    "share of run time spent choosing tokens"
+    "share of run time spent choosing tokens; overhead: share spent in tokenfuse (choosing and applying)"
 )
 
 

@@ -44,8 +44,9 @@ def bipartite_merge(scores: Tensor, tokens: Tokens, remove: Tensor, order: str =
     check_order(order)
     movable = tokens.mask & ~tokens.protected
     a_ok, b_ok = alternate(movable)
-    scores = scores.masked_fill(~(a_ok[:, :, None] & b_ok[:, None, :]), -torch.inf)
-    best, partner = scores.max(-1)
+    # columns masked before the best partner is chosen, rows after: one pass over the scores
+    best, partner = scores.masked_fill(~b_ok[:, None, :], -torch.inf).max(-1)
+    best = best.masked_fill(~a_ok, -torch.inf)
     _, rank = ranks(best, descending=True)
     merged = (rank < remove[:, None]) & (best > -torch.inf)
 

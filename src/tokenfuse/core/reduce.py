@@ -8,26 +8,30 @@ from torch import Tensor
 from .tokens import Reduction, Tokens
 
 
-def reduce(x: Tensor, tokens: Tokens, red: Reduction) -> tuple[Tensor, Tokens]:
+def reduce(x: Tensor, tokens: Tokens, red: Reduction, width: int | None = None) -> tuple[Tensor, Tokens]:
     """Apply a reduction to features (B, N, C) and to the token state together.
 
     Survivors are compacted to the front, in their current order or by `red.order`; padding
-    follows. A survivor's feature is the size-weighted (times feature_weight) average of the shares
-    sent to it.
+    follows, up to the longest survivor count, or to `width` where the caller knows a bound (static
+    mode: nothing is read back from the tensors, a bound too small fails). A survivor's feature is
+    the size-weighted (times feature_weight) average of the shares sent to it.
     """
     B, N, C = x.shape
     dest, weight = _shares(red, tokens)
-    _check_protected(tokens, dest, weight)
-    survives, position, new_n = survivors(dest, red.order)
+    _check_protected(tokens, dest, weight, static=width is not None)
+    survives, position, new_n = survivors(dest, red.order, width)
     sum_into = gather_sum(flat_rows(dest, position, new_n), B * new_n)
 
     mass = weight * tokens.size[..., None]
     size = sum_into(mass).view(B, new_n)
-    fmass = mass if red.feature_weight is None else mass * red.feature_weight[..., None]
-    fmass = fmass.to(x.dtype)
+    if red.feature_weight is None:  # the average's weights are the sizes: their sum is known
+        fmass, total = mass.to(x.dtype), size.to(x.dtype)
+    else:
+        fmass = (mass * red.feature_weight[..., None]).to(x.dtype)
+        total = sum_into(fmass).view(B, new_n)
     values = x[:, :, None, :] * fmass[..., None] if dest.shape[-1] > 1 else x * fmass
     out = sum_into(values).view(B, new_n, C)
-    out /= sum_into(fmass).view(B, new_n, 1).clamp_min(torch.finfo(x.dtype).tiny)
+    out /= total[..., None].clamp_min(torch.finfo(x.dtype).tiny)
 
     protected = torch.zeros(B, new_n + 1, dtype=torch.bool, device=x.device)
     protected.scatter_(1, torch.where(survives, position, new_n), tokens.protected)
@@ -38,11 +42,11 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction) -> tuple[Tensor, Tokens]:
     return out, Tokens(size=size, protected=protected[:, :new_n], source=source)
 
 
-def kept_index(tokens: Tokens, red: Reduction) -> Tensor:
+def kept_index(tokens: Tokens, red: Reduction, width: int | None = None) -> Tensor:
     """(B, new_n) the current position of each token `reduce` would keep, in the layout it gives
     (-1 for padding): what a caller gathers per-position inputs (rotary angles, mask rows) with."""
     dest, _ = _shares(red, tokens)
-    survives, position, new_n = survivors(dest, red.order)
+    survives, position, new_n = survivors(dest, red.order, width)
     B, N = survives.shape
     out = torch.full((B, new_n + 1), -1, dtype=torch.long, device=dest.device)
     slot = torch.where(survives, position, new_n)
@@ -57,15 +61,26 @@ def _shares(red: Reduction, tokens: Tokens) -> tuple[Tensor, Tensor]:
     return red.dest.masked_fill(weight <= 0, -1), weight
 
 
-def survivors(dest: Tensor, order: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+def survivors(
+    dest: Tensor, order: Tensor | None = None, width: int | None = None
+) -> tuple[Tensor, Tensor, int]:
     """dest (B, N, K), optional sort key order (B, N) -> which tokens receive a share (B, N), each
     survivor's new position (B, N) when survivors are compacted in their current order (or by
-    increasing key, ties in current order), and the longest survivor count (one host sync)."""
+    increasing key, ties in current order), and the width of the result: the longest survivor count
+    (one host sync), or `width`, checked on the device, where the caller gives one."""
     B, N, _ = dest.shape
     survives = torch.zeros(B, N + 1, dtype=torch.bool, device=dest.device)
     survives.scatter_(1, (dest + 1).flatten(1), True)
     survives = survives[:, 1:]
-    new_n = int(survives.sum(1).max())
+    if width is None:
+        new_n = int(survives.sum(1).max())
+    else:
+        new_n = width
+        torch._assert_async(
+            (survives.sum(1) <= width).all(),
+            "static mode: a sequence kept more tokens than its batch's static width, because the method "
+            "removed fewer than its schedule asks; apply it with static=False",
+        )
     if order is None:
         return survives, survives.cumsum(1) - 1, new_n
     if order.shape != (B, N):
@@ -95,9 +110,10 @@ def gather_sum(rows: Tensor, out_rows: int):
     return sum_into
 
 
-def _check_protected(tokens: Tokens, dest: Tensor, weight: Tensor) -> None:
-    """A method that merges or drops a protected token, or merges into one, is a bug: fail loudly."""
-    if not tokens.protected.any():
+def _check_protected(tokens: Tokens, dest: Tensor, weight: Tensor, static: bool = False) -> None:
+    """A method that merges or drops a protected token, or merges into one, is a bug: fail loudly
+    (static: checked on the device, without reading anything back)."""
+    if not static and not tokens.protected.any():
         return
     own = torch.arange(dest.shape[1], device=dest.device)[None, :, None]
     moved = (dest != own) & (dest >= 0) & (weight > 0)
@@ -105,5 +121,9 @@ def _check_protected(tokens: Tokens, dest: Tensor, weight: Tensor) -> None:
     into = torch.zeros_like(tokens.size).scatter_add_(
         1, dest.clamp_min(0).flatten(1), moved.flatten(1).float()
     )
-    if (tokens.protected & (~kept_whole | (into > 0))).any():
-        raise RuntimeError("a reduction touched a protected token; methods must leave them alone")
+    touched = (tokens.protected & (~kept_whole | (into > 0))).any()
+    message = "a reduction touched a protected token; methods must leave them alone"
+    if static:
+        torch._assert_async(~touched, message)
+    elif touched:
+        raise RuntimeError(message)

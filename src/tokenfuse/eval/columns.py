@@ -27,6 +27,7 @@ COLUMNS = (  # in the order tables show them
     Column("encode_speedup", "encode", "{:.2f}x"),
     Column("encode_ratio", "encode/embed", "{:.3f}"),
     Column("scoring", "scoring", "{:.1%}"),
+    Column("overhead", "overhead", "{:.1%}"),
     Column("cosine", "cosine", "{:.3f}"),
     Column("encode_max_diff", "max |diff|", "{:.1e}"),
     Column("encode_min_cosine", "min cosine", "{:.6f}"),

@@ -12,7 +12,9 @@ its held-out evaluation), so that a number means the same in every table:
   copy of the model built for it once (`runtime_model`), which its task runs once over the timed
   inputs before timing it: compilation is not timed;
 - speedup is the full model's median over the configuration's, from the same run; scoring is the
-  share of the configuration's time spent in the method's decisions (`Patch.decide_seconds`);
+  share of the configuration's time spent in the method's decisions (`Patch.decide_seconds`),
+  overhead the share spent in tokenfuse's hooks, decisions included (`Patch.overhead_seconds`):
+  everything but the host model's own layers;
   tokens and FLOPs are per layer, relative to the full model, from the layer trace of the pass the
   quality is read from.
 
@@ -117,6 +119,7 @@ class Pass:
     layer_tokens: np.ndarray  # (inputs, layers, 2): tokens entering attention and the MLP
     seconds: float  # the model's time alone, inputs prepared beforehand
     scoring: float  # share of it spent in the method's decisions
+    overhead: float = 0.0  # share of it spent in tokenfuse's hooks, decisions included
     extra: dict[str, float] = field(default_factory=dict)  # other timings of the pass: name -> seconds
 
 
@@ -199,7 +202,8 @@ def run_pass(
     else:
         apply(model, config.method, keep=config.keep, **extra, **config.options)
     patch = patch_of(model)
-    decided = patch.decide_seconds if patch else 0.0  # a runtime model's patch serves every pass
+    # a runtime model's patch serves every pass: only what this one adds counts
+    decided, hooked = (patch.decide_seconds, patch.overhead_seconds) if patch else (0.0, 0.0)
     try:
         with torch.inference_mode():
             _wait(model)
@@ -208,6 +212,7 @@ def run_pass(
             _wait(model)
             seconds = time.perf_counter() - start
         scoring = (patch.decide_seconds - decided) / seconds if patch else 0.0
+        overhead = (patch.overhead_seconds - hooked) / seconds if patch else 0.0
     finally:
         if not built:
             remove(model)
@@ -216,7 +221,7 @@ def run_pass(
     if order is not None:
         at = np.argsort(np.asarray(order))
         outputs, layer_tokens = {k: v[at] for k, v in outputs.items()}, layer_tokens[at]
-    return Pass(outputs, layer_tokens, seconds, scoring)
+    return Pass(outputs, layer_tokens, seconds, scoring, overhead)
 
 
 def _wait(model: nn.Module) -> None:
@@ -329,6 +334,7 @@ def costs(
                 "speedup": full_seconds / seconds,
                 "seconds": seconds,
                 "scoring": statistics.median(p.scoring for p in timed),
+                "overhead": statistics.median(p.overhead for p in timed),
                 **{
                     f"{name}_speedup": statistics.median(p.extra[name] for p in passes[0])
                     / statistics.median(p.extra[name] for p in timed)

@@ -94,10 +94,14 @@ class Method:
         schedule: Sequence[float] | None = None,
         prop_attn: bool = True,
         track_source: bool = False,
+        static: bool = False,
     ) -> None:
         """keep: the fraction of token-layer work kept, 0.5 unless a schedule is given. schedule: the
         fraction of tokens left after each reduction point (core.schedule); it fixes the work, so a
-        keep beside it must equal that work."""
+        keep beside it must equal that work. static: lay every reduced batch out at a width known
+        from its padded length alone (ceil(length * the schedule's fraction)), so that the engine
+        reads nothing back from the tensors (torch.compile, export); each sequence is reduced as
+        without it, and the result is the same up to padding columns."""
         if schedule is None:
             self.schedule = None
             self.keep = sched.check_keep(0.5 if keep is None else keep)
@@ -111,6 +115,12 @@ class Method:
                 )
         self.prop_attn = prop_attn
         self.track_source = track_source
+        if static and self.adaptive:
+            raise ValueError(
+                f"{self.name} removes a number of tokens that depends on each input, so its reduced "
+                "width is not known in advance: static=True needs a method that follows the schedule"
+            )
+        self.static = bool(static)
 
     def schedule_for(self, num_layers: int) -> list[float]:
         """Fraction of original tokens left after each of the num_layers + 1 reduction points."""
