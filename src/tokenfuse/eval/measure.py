@@ -42,12 +42,13 @@ from ..api import apply, patch_of, remove
 from ..methods import available
 from ..methods.registry import Kind
 from . import metrics
+from .ort import OnnxRuntimeModel
 
 
 @dataclass(frozen=True)
 class Config:
     """One configuration a bench compares: a method (or a baseline) at a keep, with options, on a
-    runtime (`RUNTIMES`, or a baseline's own: onnxruntime)."""
+    runtime (`RUNTIMES`)."""
 
     method: str
     keep: float
@@ -124,7 +125,7 @@ class Pass:
 
 
 Forward = Callable[[Any], tuple[dict[str, Tensor], Tensor]]
-RUNTIMES = ("eager", "compile", "int8")  # how a bench runs a PyTorch model
+RUNTIMES = ("eager", "compile", "int8", "onnxruntime")  # how a bench runs a model
 _RUNTIME = "_tokenfuse_runtime"  # set on a `runtime_model`: the runtime it was built for
 
 
@@ -137,9 +138,11 @@ def runtime_model(model: nn.Module, config: Config, baseline: bool, **extra: Any
     weights cost MiniLM 0.07 of embedding cosine, per-channel 0.02, at the same speed), then the
     reduction applied to the quantized model. compile: the reduction applied, then
     `torch.compile(dynamic=True)` of the whole model with its hooks; its first calls compile, so a
-    task runs it once before timing it. The hooks of each reduction point specialize on their layer
-    (one graph each), so this compilation may recompile the default limit (8) plus once per
-    reduction point before it falls back to eager.
+    task runs it once before timing it. In the default mode the hooks of each reduction point
+    specialize on their layer (one graph each), so this compilation may recompile the default limit
+    (8) plus once per reduction point before it falls back to eager; in static mode the model is one
+    graph. onnxruntime: the reduction applied (static mode only), the model exported to ONNX and run
+    by ONNX Runtime (`ort.OnnxRuntimeModel`), which gives the hidden states and the token sizes.
     """
     if config.runtime not in RUNTIMES[1:]:
         raise ValueError(f"a runtime model runs on {' or '.join(RUNTIMES[1:])}, not {config.runtime!r}")
@@ -161,6 +164,8 @@ def runtime_model(model: nn.Module, config: Config, baseline: bool, **extra: Any
         patch = patch_of(out)
         limit = _dynamo.config.recompile_limit + (patch.num_layers + 1 if patch else 0)
         out = torch.compile(out, dynamic=True, recompile_limit=limit, isolate_recompiles=True)
+    if config.runtime == "onnxruntime":
+        out = OnnxRuntimeModel(out)
     setattr(out, _RUNTIME, config.runtime)
     return out
 
