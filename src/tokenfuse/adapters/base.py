@@ -206,8 +206,9 @@ class Patch(Hooks):
         Static mode (`Method.static`) reads nothing back from the tensors: each point runs, and the
         reduced width is ceil(starting width * fraction), which holds every sequence's target, plus
         the protected tokens (a method may fall short of a target by those it must leave alone,
-        on very short sequences: [CLS] x [SEP] cannot be merged further), at most the current width.
-        A sequence that still does not fit stops with an error on the device (`core.reduce`)."""
+        on very short sequences: [CLS] x [SEP] cannot be merged further), at most the starting width
+        (fractions do not increase, so neither do the widths). A sequence that still does not fit
+        stops with an error on the device (`core.reduce`)."""
         fraction = self.schedule[point]
         if fraction >= 1.0:
             return None
@@ -218,7 +219,9 @@ class Patch(Hooks):
         remove = (tokens.count - target).clamp_min(0)
         if not static and not bool(remove.any()):
             return None
-        width = min(x.shape[1], math.ceil(fwd.width * fraction) + self.fixed_protected) if static else None
+        # from the starting width alone (never from the current one): widths stay one expression
+        # of it deep, which torch.compile's dynamic shapes simplify quickly
+        width = min(fwd.width, math.ceil(fwd.width * fraction) + self.fixed_protected) if static else None
         qkv = fwd.qkv
         if not fwd.reduced:
             if self.tracks_origin:
