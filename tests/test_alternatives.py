@@ -84,6 +84,7 @@ def test_bench_rows_of_the_alternatives_and_runtimes(minilm_l3, tmp_path, capsys
     assert rows["full+onnxruntime"]["cosine"] > 0.99999 and rows["full+onnxruntime"]["tokens"] == 1.0
     assert rows["tome+onnxruntime"]["cosine"] == pytest.approx(rows["tome"]["cosine"], abs=1e-5)
     assert rows["tome+onnxruntime"]["tokens"] == rows["tome"]["tokens"]
+    assert rows["tome+onnxruntime"]["overhead"] is None and rows["tome"]["overhead"] > 0  # in the graph
     for name in ("minilm-l3", "minilm-l3+int8"):  # another model: no cosine, its own quality
         assert rows[name]["cosine"] is None and rows[name]["tokens"] == 0.5
         assert (

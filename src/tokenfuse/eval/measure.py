@@ -127,6 +127,7 @@ class Pass:
 Forward = Callable[[Any], tuple[dict[str, Tensor], Tensor]]
 RUNTIMES = ("eager", "compile", "int8", "onnxruntime")  # how a bench runs a model
 _RUNTIME = "_tokenfuse_runtime"  # set on a `runtime_model`: the runtime it was built for
+UNTIMED_HOOKS = ("compile", "onnxruntime")  # runtimes that run the hooks inside their graph, untimed
 
 
 def runtime_model(model: nn.Module, config: Config, baseline: bool, **extra: Any) -> nn.Module:
@@ -338,8 +339,14 @@ def costs(
                 "flops": flops(q) / full_flops,
                 "speedup": full_seconds / seconds,
                 "seconds": seconds,
-                "scoring": statistics.median(p.scoring for p in timed),
-                "overhead": statistics.median(p.overhead for p in timed),
+                **(
+                    dict.fromkeys(("scoring", "overhead"))  # inside a compiled graph: not measured
+                    if config.runtime in UNTIMED_HOOKS
+                    else {
+                        "scoring": statistics.median(p.scoring for p in timed),
+                        "overhead": statistics.median(p.overhead for p in timed),
+                    }
+                ),
                 **{
                     f"{name}_speedup": statistics.median(p.extra[name] for p in passes[0])
                     / statistics.median(p.extra[name] for p in timed)
