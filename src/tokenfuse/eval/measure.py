@@ -8,9 +8,9 @@ its held-out evaluation), so that a number means the same in every table:
 - the clock covers the model (and its pooling) alone: a task prepares its inputs before it starts
   (tokenized, truncated, resized, batched, on the model's device) and outputs are copied back after
   it stops; on a GPU it waits for the device at both ends;
-- a configuration on another runtime than eager PyTorch (`RUNTIMES`: torch.compile, int8) runs a
-  copy of the model built for it once (`runtime_model`), which its task runs once over the timed
-  inputs before timing it: compilation is not timed;
+- a configuration on another runtime than eager PyTorch (`RUNTIMES`: torch.compile, int8, ONNX
+  Runtime) runs a copy of the model built for it once (`runtime_model`), which its task runs once
+  over the timed inputs before timing it: compilation and export are not timed;
 - speedup is the full model's median over the configuration's, from the same run; scoring is the
   share of the configuration's time spent in the method's decisions (`Patch.decide_seconds`),
   overhead the share spent in tokenfuse's hooks, decisions included (`Patch.overhead_seconds`):
