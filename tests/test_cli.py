@@ -24,6 +24,7 @@ TEXT_COLUMNS = {  # title -> key, as the text bench's table shows them
     "FLOPs": "flops",
     "speedup": "speedup",
     "scoring": "scoring",
+    "overhead": "overhead",
     "cosine": "cosine",
     "BBC acc %": "bbc_knn_acc",
     "LP50 r": "lp50_pearson",
