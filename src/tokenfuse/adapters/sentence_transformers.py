@@ -113,7 +113,7 @@ class SentencePatch(Hooks):
     patch's."""
 
     def __init__(self, model: nn.Module, encoder: Patch):
-        # Hooks.__init__ is not called: its decision timer is the encoder patch's (`decide_seconds`)
+        # Hooks.__init__ is not called: its timers are the encoder patch's (decide_seconds, overhead_seconds)
         self._handles = []
         self._new_slots()
         self.model = model

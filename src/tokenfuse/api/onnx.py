@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .patching import patch_of
+from .text import sizes_and_trace
 
 #: what the exported graph gives, in order
 OUTPUTS = ("last_hidden_state", "token_sizes", "layer_tokens")
@@ -36,11 +37,8 @@ class _Exported(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
-        patch = patch_of(self.model)
-        if patch is None:
-            layers = self.model.config.num_hidden_layers
-            return hidden, attention_mask.float(), attention_mask.sum(-1).expand(layers, 2, -1)
-        return hidden, patch.last.tokens.size, patch.layer_tokens()
+        size, layer_tokens = sizes_and_trace(self.model, attention_mask)
+        return hidden, size.float(), layer_tokens
 
 
 def export_onnx(model: nn.Module, path: str | Path, attention: str = "eager") -> Path:

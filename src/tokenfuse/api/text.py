@@ -268,14 +268,19 @@ def encode_padded(model: nn.Module, index: list[int], batch: dict[str, Tensor], 
     mask = batch["attention_mask"]
     out = model(input_ids=batch["input_ids"], attention_mask=mask)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    patch = patch_of(model)
-    if patch is None:
-        size, layer_tokens = mask, mask.sum(-1).expand(model.config.num_hidden_layers, 2, -1)
-    else:
-        size = patch.tokens.size
-        layer_tokens = patch.layer_tokens()
+    size, layer_tokens = sizes_and_trace(model, mask)
     emb = pool(hidden, size, pooling)
     return Batch(index=index, embedding=emb.float(), layer_tokens=layer_tokens)
+
+
+def sizes_and_trace(model: nn.Module, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """After the model's forward on a batch with padding mask (B, N): the size of each output token
+    (B, N'), to pool by, and the tokens each layer processed (layers, 2, B); the mask itself and
+    every real token at every layer where the model is not reduced."""
+    patch = patch_of(model)
+    if patch is None:
+        return mask, mask.sum(-1).expand(model.config.num_hidden_layers, 2, -1)
+    return patch.tokens.size, patch.layer_tokens()
 
 
 def embed(

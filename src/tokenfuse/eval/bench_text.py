@@ -28,7 +28,6 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from ..api.progress import progress_bar
@@ -115,7 +114,7 @@ class TextTask:
         batches = self._batches[which, prefix][: 1 if warm_up else None]
         order = [i for index, _ in batches for i in index]
         model = self._model(config, which, prefix)
-        baseline = config.method in BASELINES or config.method in self.others
+        baseline = self._baseline(config)
         forward = partial(self._forward, config, model)
         if config.runtime != "compile":
             return measure.run_pass(model, config, baseline, batches, forward, order)
@@ -132,7 +131,7 @@ class TextTask:
         model = self.others.get(config.method, self.model)
         if config.runtime not in measure.RUNTIMES[1:]:
             return model
-        baseline = config.method in BASELINES or config.method in self.others
+        baseline = self._baseline(config)
         key = (id(model), config.runtime, None if baseline else config.label)
         compiled = config.runtime == "compile"
         with _compiler_quiet() if compiled else contextlib.nullcontext():
@@ -148,6 +147,10 @@ class TextTask:
                     self._count(config, "first", before)
         return model
 
+    def _baseline(self, config: Config) -> bool:
+        """Whether the configuration installs no reduction: a baseline or another model."""
+        return config.method in BASELINES or config.method in self.others
+
     def _count(self, config: Config, stage: str, before: dict[str, int]) -> None:
         """Add what torch.compile did since `before` to the configuration's `stage`."""
         done = self._compiled.setdefault(config.label, {}).setdefault(stage, {})
@@ -161,9 +164,8 @@ class TextTask:
         of the hidden states by the sizes the graph gives)."""
         pooling = self._poolings.get(config.method, self.pooling)
         if isinstance(model, OnnxRuntimeModel):
-            with torch.inference_mode():
-                hidden, size, layer_tokens = model(**batch[1])
-                return {"embedding": pool(hidden, size, pooling).float()}, layer_tokens
+            hidden, size, layer_tokens = model(**batch[1])
+            return {"embedding": pool(hidden, size, pooling).float()}, layer_tokens
         out = encode_padded(model, *batch, pooling)
         return {"embedding": out.embedding}, out.layer_tokens
 

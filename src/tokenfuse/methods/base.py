@@ -99,7 +99,8 @@ class Method:
         """keep: the fraction of token-layer work kept, 0.5 unless a schedule is given. schedule: the
         fraction of tokens left after each reduction point (core.schedule); it fixes the work, so a
         keep beside it must equal that work. static: lay every reduced batch out at a width known
-        from its padded length alone (ceil(length * the schedule's fraction)), so that the engine
+        from its padded length alone (ceil(length * the schedule's fraction), plus the tokens every
+        sequence protects, at most the length), so that the engine
         reads nothing back from the tensors (torch.compile, export); each sequence is reduced as
         without it, and the result is the same up to padding columns."""
         if schedule is None:
