@@ -44,8 +44,9 @@ def bipartite_merge(scores: Tensor, tokens: Tokens, remove: Tensor, order: str =
     check_order(order)
     movable = tokens.mask & ~tokens.protected
     a_ok, b_ok = alternate(movable)
-    # columns masked before the best partner is chosen, rows after: one pass over the scores
-    best, partner = scores.masked_fill(~b_ok[:, None, :], -torch.inf).max(-1)
+    # columns masked before the best partner is chosen (a where: 0.6x masked_fill's time over the
+    # scores; an added bias would be faster, but lets a NaN of an excluded token through), rows after
+    best, partner = torch.where(b_ok[:, None, :], scores, -torch.inf).max(-1)
     best = best.masked_fill(~a_ok, -torch.inf)
     _, rank = ranks(best, descending=True)
     merged = (rank < remove[:, None]) & (best > -torch.inf)

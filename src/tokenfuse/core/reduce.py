@@ -20,18 +20,19 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction, width: int | None = None) 
     dest, weight = _shares(red, tokens)
     _check_protected(tokens, dest, weight, static=width is not None)
     survives, position, new_n = survivors(dest, red.order, width)
-    sum_into = gather_sum(flat_rows(dest, position, new_n), B * new_n)
+    rows = flat_rows(dest, position, new_n)
+    sum_into = gather_sum(rows, B * new_n)
 
     mass = weight * tokens.size[..., None]
     size = sum_into(mass).view(B, new_n)
-    if red.feature_weight is None:  # the average's weights are the sizes: their sum is known
-        fmass, total = mass.to(x.dtype), size.to(x.dtype)
-    else:
-        fmass = (mass * red.feature_weight[..., None]).to(x.dtype)
-        total = sum_into(fmass).view(B, new_n)
-    values = x[:, :, None, :] * fmass[..., None] if dest.shape[-1] > 1 else x * fmass
+    # each share's weight in its destination's average, so that one pass over the features sums
+    # the averages (no division of the result): the sizes, or the sizes times feature_weight
+    fmass = mass if red.feature_weight is None else mass * red.feature_weight[..., None]
+    total = size if red.feature_weight is None else sum_into(fmass).view(B, new_n)
+    at_dest = torch.cat([total.flatten(), total.new_ones(1)])[rows].view_as(fmass)
+    share = (fmass / at_dest.clamp_min(torch.finfo(at_dest.dtype).tiny)).to(x.dtype)
+    values = x[:, :, None, :] * share[..., None] if dest.shape[-1] > 1 else x * share
     out = sum_into(values).view(B, new_n, C)
-    out /= total[..., None].clamp_min(torch.finfo(x.dtype).tiny)
 
     protected = torch.zeros(B, new_n + 1, dtype=torch.bool, device=x.device)
     protected.scatter_(1, torch.where(survives, position, new_n), tokens.protected)
