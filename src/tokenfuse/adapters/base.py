@@ -59,7 +59,7 @@ class Forward:
 class Hooks:
     """Hooks installed on one model, and the per-thread slots of its passes; `remove()` takes every
     hook away. For the bench, by every forward of every thread: decide_seconds, the time spent in
-    the method's decisions; overhead_seconds, the time spent in the hooks installed `clocked`
+    the method's decisions; overhead_seconds, the time spent in the hooks installed by `before` and `after`
     (decisions included): what tokenfuse adds to the host model's own layers. Neither is kept while
     torch.compile traces (a timer would split its graph). `state_type` is what a pass keeps."""
 
@@ -88,6 +88,15 @@ class Hooks:
 
     def hold(self, *handles: RemovableHandle) -> None:
         self._handles.extend(handles)
+
+    def before(self, module: nn.Module, hook, kwargs: bool = False, first: bool = True) -> None:
+        """Install `hook` as a forward pre-hook of `module`, clocked and held. first: ahead of the
+        hooks already there (transformers' output capturing reads what tokenfuse changed)."""
+        self.hold(module.register_forward_pre_hook(self._timer(hook), with_kwargs=kwargs, prepend=first))
+
+    def after(self, module: nn.Module, hook, kwargs: bool = False, first: bool = True) -> None:
+        """Install `hook` as a forward hook of `module`, clocked and held (see `before`)."""
+        self.hold(module.register_forward_hook(self._timer(hook), with_kwargs=kwargs, prepend=first))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -127,7 +136,7 @@ class Hooks:
             self.decide_seconds += seconds
         return out
 
-    def clocked(self, hook) -> partial:
+    def _timer(self, hook) -> partial:
         """The hook, its time added to overhead_seconds."""
         return partial(self._clocked, hook)
 
@@ -187,11 +196,8 @@ class Patch(Hooks):
             return None
         return attention_bias(fwd.tokens, dtype, self.method.prop_attn)
 
-    def keeper(self, name: str) -> partial:
-        """Forward hook for a projection: keep its per-head output as q, k or v ("qkv": fused)."""
-        return self.clocked(partial(self._keep, name))
-
     def _keep(self, name: str, module: nn.Module, args: tuple, out: Tensor) -> None:
+        """Forward hook for a projection: keep its per-head output as q, k or v ("qkv": fused)."""
         fwd = self.current()
         if fwd is None:
             return

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..core import attention_bias, pool_mean
 from .base import Patch, first, with_mask
@@ -26,13 +25,13 @@ from .base import Patch, first, with_mask
 HF_MEAN_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
 
 
-def weigh_pooling(patch: Patch, model: nn.Module, timm: bool, prefix: int) -> list[RemovableHandle]:
-    """Hooks that make the model's pooling head read sizes; none where the head reads [CLS]."""
+def weigh_pooling(patch: Patch, model: nn.Module, timm: bool, prefix: int) -> None:
+    """Install on the patch the hooks that make the model's pooling head read sizes; none where
+    the head reads [CLS]."""
     if timm:
-        return _TimmPooling(patch, model).hooks()
-    if type(model).__name__ in HF_MEAN_HEADS:
-        return _HfMeanPooling(patch, model, prefix).hooks()
-    return []
+        _TimmPooling(patch, model).install()
+    elif type(model).__name__ in HF_MEAN_HEADS:
+        _HfMeanPooling(patch, model, prefix).install()
 
 
 def pool(x: Tensor, size: Tensor | None, kind: str) -> Tensor:
@@ -94,19 +93,12 @@ class _TimmPooling(_Pooling):
         super().__init__(patch)
         self.model = model
 
-    def hooks(self) -> list[RemovableHandle]:
-        model, clocked = self.model, self.patch.clocked
-        handles = [
-            model.norm.register_forward_hook(clocked(self.keep), prepend=True),
-            model.fc_norm.register_forward_pre_hook(clocked(self.before_fc_norm), prepend=True),
-        ]
+    def install(self) -> None:
+        model, patch = self.model, self.patch
+        patch.after(model.norm, self.keep)
+        patch.before(model.fc_norm, self.before_fc_norm)
         if model.attn_pool is not None:
-            handles.append(
-                model.attn_pool.register_forward_pre_hook(
-                    clocked(self.before_attn_pool), with_kwargs=True, prepend=True
-                )
-            )
-        return handles
+            patch.before(model.attn_pool, self.before_attn_pool, kwargs=True)
 
     def skip(self) -> int:
         return 0 if self.model.pool_include_prefix else self.model.num_prefix_tokens
@@ -133,12 +125,9 @@ class _HfMeanPooling(_Pooling):
         super().__init__(patch)
         self.model, self.prefix = model, prefix
 
-    def hooks(self) -> list[RemovableHandle]:
-        clocked = self.patch.clocked
-        return [
-            self.model.base_model.layernorm.register_forward_hook(clocked(self.keep), prepend=True),
-            self.model.classifier.register_forward_pre_hook(clocked(self.before_classifier), prepend=True),
-        ]
+    def install(self) -> None:
+        self.patch.after(self.model.base_model.layernorm, self.keep)
+        self.patch.before(self.model.classifier, self.before_classifier)
 
     def before_classifier(self, module: nn.Module, args: tuple):
         cls, mean = args[0].chunk(2, dim=-1)

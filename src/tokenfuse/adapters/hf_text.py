@@ -232,21 +232,14 @@ class TextPatch(Patch):
         if self.tracks_origin:
             self._bias_at = parameter_index(layers[0], family.position_bias)
 
-        clocked = self.clocked
-        self.hold(embeddings.register_forward_pre_hook(clocked(self._start), with_kwargs=True, prepend=True))
+        self.before(embeddings, self._start, kwargs=True)
         for i, layer in enumerate(layers):
-            self.hold(
-                layer.register_forward_pre_hook(
-                    clocked(partial(self._enter, i)), with_kwargs=True, prepend=True
-                ),
-                layer.get_submodule(family.merge_after).register_forward_hook(
-                    clocked(partial(self._reduce, i + 1)), prepend=True
-                ),
-            )
+            self.before(layer, partial(self._enter, i), kwargs=True)
+            self.after(layer.get_submodule(family.merge_after), partial(self._reduce, i + 1))
             if self.wants_attention:
                 for name, path in zip("qkv", family.qkv, strict=True):
-                    self.hold(layer.get_submodule(path).register_forward_hook(self.keeper(name)))
-        self.hold(layers[-1].register_forward_hook(clocked(self.close)))
+                    self.after(layer.get_submodule(path), partial(self._keep, name), first=False)
+        self.after(layers[-1], self.close, first=False)
 
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         fwd = self.open()

@@ -183,37 +183,25 @@ class LlavaPatch(Hooks):
         return found
 
     def _install(self, inner: nn.Module, attention: list[nn.Module]) -> None:
-        tower, clocked = inner.vision_tower, self.clocked
-        self.hold(
-            inner.register_forward_pre_hook(clocked(self._begin), with_kwargs=True, prepend=True),
-            inner.register_forward_hook(clocked(self._end), with_kwargs=True, prepend=True),
-            tower.register_forward_pre_hook(clocked(self._tower_begin), with_kwargs=True, prepend=True),
-            tower.register_forward_hook(clocked(self._tower_end), prepend=True),
-            inner.multi_modal_projector.register_forward_pre_hook(
-                clocked(self._tower_selected), prepend=True
-            ),
-        )
+        tower = inner.vision_tower
+        self.before(inner, self._begin, kwargs=True)
+        self.after(inner, self._end, kwargs=True)
+        self.before(tower, self._tower_begin, kwargs=True)
+        self.after(tower, self._tower_end)
+        self.before(inner.multi_modal_projector, self._tower_selected)
         needs = self.boundary.needs if self.boundary is not None else frozenset()
         wanted = range(self.feature_layer + 1) if "cls_attention_layers" in needs else [self.feature_layer]
         if needs & {"cls_attention", "cls_attention_layers", "keys"}:
             for i in wanted:
                 for name in ("q_proj", "k_proj"):
-                    proj = getattr(attention[i], name)
-                    self.hold(proj.register_forward_hook(clocked(partial(self._tower_keep, i, name[0]))))
+                    keep = partial(self._tower_keep, i, name[0])
+                    self.after(getattr(attention[i], name), keep, first=False)
         layers = inner.language_model.layers
         for k, _ in self.stages:
-            self.hold(
-                layers[k - 1].self_attn.register_forward_pre_hook(
-                    clocked(self._score_input), with_kwargs=True, prepend=True
-                )
-            )
+            self.before(layers[k - 1].self_attn, self._score_input, kwargs=True)
         if self.stages:
             for i in range(self.stages[0][0], len(layers)):
-                self.hold(
-                    layers[i].register_forward_pre_hook(
-                        clocked(partial(self._layer, i)), with_kwargs=True, prepend=True
-                    )
-                )
+                self.before(layers[i], partial(self._layer, i), kwargs=True)
 
     def remove(self) -> None:
         super().remove()

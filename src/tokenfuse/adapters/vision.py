@@ -22,7 +22,6 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..methods import Method
 from . import checks
@@ -152,38 +151,27 @@ class VisionPatch(Patch):
         self.family = family
         self.prefix = self.fixed_protected = prefix_tokens(model)
 
-        clocked = self.clocked
-        embedded = base.get_submodule(family.embeddings).register_forward_hook(
-            clocked(self._embedded), prepend=True
-        )
-        self.hold(embedded)
+        self.after(base.get_submodule(family.embeddings), self._embedded)
         for i, layer in enumerate(layers):
-            mlp_in = layer.get_submodule(family.mlp_in)
-            self.hold(
-                layer.register_forward_pre_hook(clocked(self._enter), with_kwargs=True, prepend=True),
-                mlp_in.register_forward_pre_hook(clocked(partial(self._before_mlp, i + 1)), prepend=True),
-                layer.get_submodule(family.mlp_out).register_forward_hook(
-                    clocked(self._after_mlp), prepend=True
-                ),
-                layer.register_forward_hook(clocked(self._after_layer), prepend=True),
-            )
+            self.before(layer, self._enter, kwargs=True)
+            self.before(layer.get_submodule(family.mlp_in), partial(self._before_mlp, i + 1))
+            self.after(layer.get_submodule(family.mlp_out), self._after_mlp)
+            self.after(layer, self._after_layer)
             if self.wants_attention:
                 names = ("qkv",) if len(family.qkv) == 1 else "qkv"
                 for name, path in zip(names, family.qkv, strict=True):
-                    self.hold(layer.get_submodule(path).register_forward_hook(self.keeper(name)))
+                    self.after(layer.get_submodule(path), partial(self._keep, name), first=False)
                 if family is TIMM:
-                    self.hold(*self._keep_normed(layer.attn))
-        self.hold(layers[-1].register_forward_hook(clocked(self.close)))
-        self.hold(*weigh_pooling(self, model, family is TIMM, self.prefix))
+                    self._keep_normed(layer.attn)
+        self.after(layers[-1], self.close, first=False)
+        weigh_pooling(self, model, family is TIMM, self.prefix)
 
-    def _keep_normed(self, attn: nn.Module) -> list[RemovableHandle]:
+    def _keep_normed(self, attn: nn.Module) -> None:
         """timm attention with qk_norm: the queries and keys it uses are the outputs (B, H, N, D) of
         its q_norm and k_norm, kept in place of the projection's."""
-        return [
-            norm.register_forward_hook(self.clocked(partial(self._keep_head_major, name)))
-            for name in "qk"
-            if not isinstance(norm := getattr(attn, f"{name}_norm"), nn.Identity)
-        ]
+        for name in "qk":
+            if not isinstance(norm := getattr(attn, f"{name}_norm"), nn.Identity):
+                self.after(norm, partial(self._keep_head_major, name), first=False)
 
     def _keep_head_major(self, name: str, module: nn.Module, args: tuple, out: Tensor) -> None:
         """A q_norm / k_norm output (B, H, N, D), kept as the projection's layout (B, N, H * D)."""
