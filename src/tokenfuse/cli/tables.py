@@ -81,8 +81,8 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
         )
         extra = (
             "; speedup: the tokenfuse.embed path; encode: SentenceTransformer.encode (its tokenization "
-            "included); encode/embed: their ratio; cosine: embed vs full; max |diff|, min cosine: encode's "
-            "embeddings vs embed's, normalized"
+            "included); vs embed: encode's speedup over embed's; cosine: embed vs full; max |diff|, "
+            "min cosine: encode's embeddings vs embed's, normalized"
         )
         return [table(title, caption + extra, results["rows"])]
     if args.get("task") != "vision":

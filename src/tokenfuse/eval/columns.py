@@ -25,7 +25,7 @@ COLUMNS = (  # in the order tables show them
     Column("speedup", "speedup", "{:.2f}x"),
     Column("generation_speedup", "generate", "{:.2f}x"),
     Column("encode_speedup", "encode", "{:.2f}x"),
-    Column("encode_ratio", "encode/embed", "{:.3f}"),
+    Column("encode_ratio", "vs embed", "{:.3f}"),
     Column("scoring", "scoring", "{:.1%}"),
     Column("overhead", "overhead", "{:.1%}"),
     Column("cosine", "cosine", "{:.3f}"),
