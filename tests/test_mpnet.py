@@ -231,7 +231,7 @@ def test_the_pass_lets_its_position_biases_go_and_embed_pools_by_size(texts):
     inputs = batch(tokenizer, texts)
     hidden, _ = run(model, inputs)
     fwd = tokenfuse.patch_of(model).last
-    assert fwd.origin is not None and fwd.host_bias is None and fwd.bias is None
+    assert fwd.tokens.origin is not None and fwd.host_bias is None and fwd.bias is None
     sizes = tokenfuse.token_sizes(model)
     embedded = tokenfuse.embed(model, tokenizer, texts, batch_size=len(texts), pooling="mean")
     assert torch.allclose(embedded, pool_mean(hidden, sizes), atol=1e-5)

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..core import Tokens, attention_bias, reduce
-from ..core.reduce import kept_index
 from ..methods import LayerInput, Method
 
 
@@ -41,10 +40,6 @@ class Forward:
     trace: per layer, (tokens entering it, tokens after its reduction), for the work accounting.
     qkv: the current layer's per-head q, k, v (B, H, N, D), until a reduction point consumes them.
     reduced: whether tokens were reduced (from then on layers attend with the engine's mask).
-    origin: (B, N) from the first reduction on, for patches that track it: where in the host's
-        layout (the input's positions, padding included) the token each position keeps stood: its
-        own, or for a merged token the one it was merged into, whose slot survived; any index at
-        padding. What a host's per-position-pair inputs (relative position bias) are gathered with.
     """
 
     tokens: Tokens | None = None
@@ -53,7 +48,6 @@ class Forward:
     trace: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     qkv: dict[str, Tensor] = field(default_factory=dict)
     reduced: bool = False
-    origin: Tensor | None = None
 
 
 class Hooks:
@@ -184,7 +178,9 @@ class Patch(Hooks):
 
     def begin(self, fwd: Forward, mask: Tensor, protected: Tensor) -> None:
         """The pass knows its padding: every real token stands for itself."""
-        fwd.tokens = Tokens.start(mask, protected, track_source=self.method.track_source)
+        fwd.tokens = Tokens.start(
+            mask, protected, track_source=self.method.track_source, track_origin=self.tracks_origin
+        )
         fwd.n0 = fwd.tokens.count
         fwd.width = mask.shape[1]
 
@@ -230,8 +226,6 @@ class Patch(Hooks):
         width = min(fwd.width, math.ceil(fwd.width * fraction) + self.fixed_protected) if static else None
         qkv = fwd.qkv
         if not fwd.reduced:
-            if self.tracks_origin:
-                fwd.origin = ahead(tokens.mask)  # the layout right_padded gives
             x, tokens, qkv = right_padded(x, tokens, qkv, always=static)
         inp = LayerInput(
             point=point,
@@ -245,8 +239,6 @@ class Patch(Hooks):
         )
         fwd.qkv = {}
         red = self.timed(self.method.decide, inp)
-        if self.tracks_origin:
-            fwd.origin = fwd.origin.gather(1, kept_index(tokens, red, width).clamp_min(0))
         x, fwd.tokens = reduce(x, tokens, red, width)
         fwd.reduced = True
         if point > 0:
@@ -275,7 +267,10 @@ def right_padded(
         return t.gather(dim, order.view(shape).expand_as(t))
 
     source = None if tokens.source is None else along(tokens.source, 1)
-    moved = Tokens(size=along(tokens.size, 1), protected=along(tokens.protected, 1), source=source)
+    origin = None if tokens.origin is None else along(tokens.origin, 1)
+    moved = Tokens(
+        size=along(tokens.size, 1), protected=along(tokens.protected, 1), source=source, origin=origin
+    )
     return along(x, 1), moved, {name: along(t, 2) for name, t in qkv.items()}
 
 

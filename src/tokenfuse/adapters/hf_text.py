@@ -194,7 +194,7 @@ class TextPatch(Patch):
     MPNet scores attention with a relative position bias: its encoder computes one (B, H, N, N)
     bias from the positions of the unreduced input and hands it to every layer. Once tokens are
     reduced, each layer is handed the host's own bias gathered at the original positions of the
-    tokens it now holds (`base.Forward.origin`), so that the bias between two tokens is the one
+    tokens it now holds (`Tokens.origin`), so that the bias between two tokens is the one
     between the positions they came from, whatever slot they sit in now. A pruned token's position
     leaves with it; a merged token keeps the position of the token it was merged into, the one
     whose slot survives (ToMe's B-token, EViT's most attended inattentive token), not a
@@ -279,8 +279,9 @@ class TextPatch(Patch):
     def position_bias(self, fwd: TextForward) -> Tensor:
         """(B, H, N, N) the host's position bias between the original positions of the current
         tokens (see the class docstring), gathered once per reduction."""
-        if fwd.bias is None or fwd.bias[0] is not fwd.origin:
-            fwd.bias = (fwd.origin, pairs_at(fwd.host_bias, fwd.origin))
+        origin = fwd.tokens.origin
+        if fwd.bias is None or fwd.bias[0] is not origin:
+            fwd.bias = (origin, pairs_at(fwd.host_bias, origin))
         return fwd.bias[1]
 
     def close(self, module: nn.Module, args: tuple, out) -> None:

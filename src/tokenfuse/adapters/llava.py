@@ -26,7 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Tokens, reduce
-from ..core.reduce import kept_index
 from ..methods import Method, VisualInput, VisualMethod
 from . import vision
 from .base import Forward, Hooks, ahead, check_attention, left_padded, pairs_at
@@ -455,7 +454,7 @@ class LlavaPatch(Hooks):
         keep = torch.minimum(keep, (fwd.visual & fwd.valid).sum(1))
         if not bool((keep < fwd.visual.sum(1)).any()):
             return hidden
-        tokens = Tokens(size=fwd.valid.float(), protected=fwd.valid & ~fwd.visual)
+        tokens = Tokens.start(fwd.valid, fwd.valid & ~fwd.visual, track_origin=True)
         inp = VisualInput(
             x=hidden,
             tokens=tokens,
@@ -465,29 +464,28 @@ class LlavaPatch(Hooks):
             **self._llm_needs(fwd),
         )
         red = self.timed(self.in_llm.decide, inp)
-        index = kept_index(tokens, red)
         hidden, tokens = reduce(hidden, tokens, red)
         if fwd.left:  # padding back in front, so that the last position stays each row's last token
             order = ahead(~tokens.mask)
             hidden = hidden.gather(1, order[..., None].expand_as(hidden))
-            index = index.gather(1, order)
-            tokens = Tokens(size=tokens.size.gather(1, order), protected=tokens.protected.gather(1, order))
-        self._relayout(fwd, index, tokens.mask, kwargs)
+            size, protected, at = (t.gather(1, order) for t in (tokens.size, tokens.protected, tokens.origin))
+            tokens = Tokens(size=size, protected=protected, origin=at)
+        self._relayout(fwd, tokens.origin, tokens.mask, kwargs)
         fwd.stages.append(Stage(layer=layer, valid=tokens.mask))
         fwd.llm_trace.append((layer, tokens.count))
         return hidden
 
-    def _relayout(self, fwd: LlavaForward, index: Tensor, valid: Tensor, kwargs: dict) -> None:
-        """The current layout becomes the kept tokens `index` (B, L') of it: gather the per-token
-        state, and build what the following layers are called with."""
-        at = index.clamp_min(0)
+    def _relayout(self, fwd: LlavaForward, at: Tensor, valid: Tensor, kwargs: dict) -> None:
+        """The current layout becomes the kept tokens, at positions `at` (B, L') of it (any at
+        padding, which `valid` marks): gather the per-token state, and build what the following
+        layers are called with."""
         base = fwd.layer_kwargs or {
             k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")
         }
         fwd.visual = fwd.visual.gather(1, at) & valid
         fwd.question = fwd.question.gather(1, at) & valid
         fwd.valid = valid
-        B = index.shape[0]
+        B = at.shape[0]
         cos, sin = (
             t.expand(B, *t.shape[1:]).gather(1, at[..., None].expand(-1, -1, t.shape[-1]))
             for t in base["position_embeddings"]
@@ -496,14 +494,14 @@ class LlavaPatch(Hooks):
         if base.get("position_ids") is not None:
             out["position_ids"] = base["position_ids"].expand(B, -1).gather(1, at)
         host = base["attention_mask"]
-        L = index.shape[1]
-        causal = torch.ones(L, L, dtype=torch.bool, device=index.device).tril()
+        L = at.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=at.device).tril()
         if host is None:
             allowed = causal[None, None] & valid[:, None, None, :]
         else:
             allowed = pairs_at(host, at)
             allowed = (allowed if allowed.dtype == torch.bool else allowed == 0) & valid[:, None, None, :]
-        allowed = allowed | torch.eye(L, dtype=torch.bool, device=index.device) & ~valid[:, None, :, None]
+        allowed = allowed | torch.eye(L, dtype=torch.bool, device=at.device) & ~valid[:, None, :, None]
         if host is None and bool(valid.all()):
             out["attention_mask"] = None  # no padding: the host's causal attention holds as it is
         else:

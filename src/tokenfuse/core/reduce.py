@@ -34,25 +34,18 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction, width: int | None = None) 
     values = x[:, :, None, :] * share[..., None] if dest.shape[-1] > 1 else x * share
     out = sum_into(values).view(B, new_n, C)
 
-    protected = torch.zeros(B, new_n + 1, dtype=torch.bool, device=x.device)
-    protected.scatter_(1, torch.where(survives, position, new_n), tokens.protected)
+    slot = torch.where(survives, position, new_n)  # each token's place in the result; new_n: gone
+
+    def placed(t: Tensor) -> Tensor:
+        """A per-token state (B, N) at its token's place in the result (B, new_n), 0 at padding."""
+        return t.new_zeros(B, new_n + 1).scatter_(1, slot, t)[:, :new_n]
+
     source = None
     if tokens.source is not None:
         shares = tokens.source[:, :, None, :] * weight[..., None].to(tokens.source.dtype)
         source = sum_into(shares).view(B, new_n, -1)
-    return out, Tokens(size=size, protected=protected[:, :new_n], source=source)
-
-
-def kept_index(tokens: Tokens, red: Reduction, width: int | None = None) -> Tensor:
-    """(B, new_n) the current position of each token `reduce` would keep, in the layout it gives
-    (-1 for padding): what a caller gathers per-position inputs (rotary angles, mask rows) with."""
-    dest, _ = _shares(red, tokens)
-    survives, position, new_n = survivors(dest, red.order, width)
-    B, N = survives.shape
-    out = torch.full((B, new_n + 1), -1, dtype=torch.long, device=dest.device)
-    slot = torch.where(survives, position, new_n)
-    out.scatter_(1, slot, torch.arange(N, device=dest.device).expand(B, N))
-    return out[:, :new_n]
+    origin = None if tokens.origin is None else placed(tokens.origin)
+    return out, Tokens(size=size, protected=placed(tokens.protected), source=source, origin=origin)
 
 
 def _shares(red: Reduction, tokens: Tokens) -> tuple[Tensor, Tensor]:

@@ -21,17 +21,25 @@ class Tokens:
     protected: (B, N) tokens no method may remove or merge ([CLS], [SEP], caller-named ids).
     source: (B, N, N0) share of each original token held by each position; tracked only when
         reduced tokens must be mapped back to the full grid (dense outputs).
+    origin: (B, N) for each position, where the token whose slot survives there stood when tracking
+        started (its own place, or for a merged token the one it was merged into); 0 at padding.
+        Tracked only for hosts that gather per-position inputs (relative position bias, rotary
+        angles, mask rows) for the tokens they now hold.
     """
 
     size: Tensor
     protected: Tensor
     source: Tensor | None = None
+    origin: Tensor | None = None
 
     @classmethod
-    def start(cls, mask: Tensor, protected: Tensor, track_source: bool = False) -> Tokens:
+    def start(
+        cls, mask: Tensor, protected: Tensor, track_source: bool = False, track_origin: bool = False
+    ) -> Tokens:
         size = mask.to(torch.float32)
         source = torch.diag_embed(size) if track_source else None
-        return cls(size=size, protected=protected & mask.bool(), source=source)
+        origin = torch.arange(size.shape[1], device=size.device).expand(size.shape) if track_origin else None
+        return cls(size=size, protected=protected & mask.bool(), source=source, origin=origin)
 
     @property
     def mask(self) -> Tensor:
