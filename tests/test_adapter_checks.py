@@ -5,6 +5,8 @@ positions). timm tests carry `timm` in their names, for the timm environment's `
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import transformers
@@ -298,6 +300,26 @@ def reduced_outputs(model, family, tokenizer, texts, **options):
 
 
 CONFIGURATIONS = [*sorted(MODELS), *sorted(VISION)]
+
+
+def hooks_of(model) -> list:
+    return [h for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values()]
+
+
+@pytest.mark.parametrize("family", CONFIGURATIONS)
+def test_every_hook_an_adapter_installs_is_timed(family, tokenizer, texts):
+    """The bench's overhead column reads `overhead_seconds`: every hook the patch adds must count in
+    it (the decisions too, which it includes)."""
+    model = build(family, "sdpa")
+    bare = {id(h) for h in hooks_of(model)}
+    tokenfuse.apply(model, "tome", keep=0.5, similarity="keys")  # keys: the projection hooks too
+    added = [h for h in hooks_of(model) if id(h) not in bare]
+    patch = tokenfuse.patch_of(model)
+    assert len(added) > patch.num_layers
+    assert all(isinstance(h, functools.partial) and h.func == patch._clocked for h in added)
+    reduced_outputs(model, family, tokenizer, texts, similarity="keys")
+    patch = tokenfuse.patch_of(model)
+    assert patch.overhead_seconds > patch.decide_seconds > 0
 
 
 @pytest.mark.parametrize("family", CONFIGURATIONS)

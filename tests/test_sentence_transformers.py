@@ -111,6 +111,20 @@ def test_applying_again_replaces_and_remove_leaves_no_hook(folder, texts):
     assert hook_count(model) == bare
 
 
+def test_the_transformer_modules_hooks_count_in_the_encoders_overhead(folder, texts):
+    model = sentence_model(folder)
+    bare = hook_count(model)
+    tokenfuse.apply(model, "tome", keep=0.5)
+    encoder = tokenfuse.patch_of(model).encoder
+    transformer = model[0]
+    ours = [*transformer._forward_pre_hooks.values(), *transformer._forward_hooks.values()]
+    assert hook_count(model) > bare and len(ours) == 2
+    assert all(h.func == encoder._clocked for h in ours)
+    before = encoder.overhead_seconds
+    encode(model, texts)
+    assert tokenfuse.patch_of(model).overhead_seconds == encoder.overhead_seconds > before
+
+
 @pytest.mark.parametrize("mode", ["lasttoken", "weightedmean", ("mean", "lasttoken")])
 def test_positional_pooling_is_refused_before_anything_is_patched(folder, mode):
     model = sentence_model(folder, mode)

@@ -21,6 +21,8 @@ sentence-transformers is never imported: its modules are recognised by their cla
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -113,7 +115,7 @@ class SentencePatch(Hooks):
     patch's."""
 
     def __init__(self, model: nn.Module, encoder: Patch):
-        # Hooks.__init__ is not called: its timers are the encoder patch's (decide_seconds, overhead_seconds)
+        # Hooks.__init__ is not called: the timers are the encoder patch's (decide_seconds, overhead_seconds)
         self._handles = []
         self._new_slots()
         self.model = model
@@ -121,10 +123,8 @@ class SentencePatch(Hooks):
         transformer, pooling = model[0], model[1]
         self.cls = "cls" in modes_of(pooling)
         self.prompt_excluded = not getattr(pooling, "include_prompt", True)
-        self.hold(
-            transformer.register_forward_pre_hook(self._before, with_kwargs=True),
-            transformer.register_forward_hook(self._sizes),
-        )
+        self.before(transformer, self._before, kwargs=True, first=False)
+        self.after(transformer, self._sizes, first=False)
 
     @property
     def method(self):
@@ -144,6 +144,10 @@ class SentencePatch(Hooks):
 
     def layer_tokens(self) -> Tensor:
         return self.encoder.layer_tokens()
+
+    def _timer(self, hook) -> partial:
+        """These hooks' time counts in the encoder patch's overhead_seconds."""
+        return self.encoder._timer(hook)
 
     def remove(self) -> None:
         super().remove()
