@@ -266,12 +266,7 @@ def right_padded(
         shape[0], shape[dim] = order.shape
         return t.gather(dim, order.view(shape).expand_as(t))
 
-    source = None if tokens.source is None else along(tokens.source, 1)
-    origin = None if tokens.origin is None else along(tokens.origin, 1)
-    moved = Tokens(
-        size=along(tokens.size, 1), protected=along(tokens.protected, 1), source=source, origin=origin
-    )
-    return along(x, 1), moved, {name: along(t, 2) for name, t in qkv.items()}
+    return along(x, 1), tokens.take(order), {name: along(t, 2) for name, t in qkv.items()}
 
 
 def left_padded(mask: Tensor) -> bool:

@@ -468,8 +468,7 @@ class LlavaPatch(Hooks):
         if fwd.left:  # padding back in front, so that the last position stays each row's last token
             order = ahead(~tokens.mask)
             hidden = hidden.gather(1, order[..., None].expand_as(hidden))
-            size, protected, at = (t.gather(1, order) for t in (tokens.size, tokens.protected, tokens.origin))
-            tokens = Tokens(size=size, protected=protected, origin=at)
+            tokens = tokens.take(order)
         self._relayout(fwd, tokens.origin, tokens.mask, kwargs)
         fwd.stages.append(Stage(layer=layer, valid=tokens.mask))
         fwd.llm_trace.append((layer, tokens.count))

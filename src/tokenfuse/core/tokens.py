@@ -41,6 +41,21 @@ class Tokens:
         origin = torch.arange(size.shape[1], device=size.device).expand(size.shape) if track_origin else None
         return cls(size=size, protected=protected & mask.bool(), source=source, origin=origin)
 
+    def take(self, index: Tensor) -> Tokens:
+        """The state of the tokens at positions index (B, M) of each row, in that order: a per-row
+        re-layout (padding moved to one side), every per-token field moved alike."""
+
+        def at(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t.gather(
+                1, index.view(*index.shape, *[1] * (t.dim() - 2)).expand(*index.shape, *t.shape[2:])
+            )
+
+        return Tokens(
+            size=at(self.size), protected=at(self.protected), source=at(self.source), origin=at(self.origin)
+        )
+
     @property
     def mask(self) -> Tensor:
         return self.size > 0
