@@ -96,25 +96,21 @@ def run(
                 "max_abs_diff": float(np.abs(vectors[engine] - vectors["local"]).max()),
             }
         )
-    meta = {
-        **measure.environment(),
-        "arguments": {
-            "task": "embed",
-            "model": "minilm",
-            "method": method,
-            "keep": keep,
-            "limit": limit,
-            "documents": len(records),
-            "max_length": max_length,
-            "batch_size": batch_size,
-            "shard_size": shard_size,
-            "repeats": repeats,
-            "cpus": cpus,
-        },
-        "ray_start_seconds": ray_start,
+    arguments = {
+        "task": "embed",
+        "model": "minilm",
+        "method": method,
+        "keep": keep,
+        "limit": limit,
+        "documents": len(records),
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "repeats": repeats,
+        "cpus": cpus,
     }
     notes = [f"starting the local Ray cluster took {ray_start:.1f} s, before the rounds (not in any row)"]
-    return {"meta": meta, "rows": rows, "notes": notes}
+    return measure.results(rows, notes, arguments, ray_start_seconds=ray_start)
 
 
 def _embeddings(folder: Path) -> np.ndarray:

@@ -203,18 +203,15 @@ def run(
             )
             rows += subject_rows
             notes.update(f"{name}: {note}" for note in subject_notes)
-    meta = {
-        **measure.environment(),
-        "arguments": {
-            "task": "vision",
-            "models": list(models),
-            "data": "fmnist",
-            "methods": methods,
-            "keeps": list(keeps),
-            "limit": limit,
-            "batch_size": batch_size,
-            "repeats": repeats,
-            "options": options or {},
-        },
+    arguments = {
+        "task": "vision",
+        "models": list(models),
+        "data": "fmnist",
+        "methods": methods,
+        "keeps": list(keeps),
+        "limit": limit,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "options": options or {},
     }
-    return {"meta": meta, "rows": rows, "notes": sorted(notes)}
+    return measure.results(rows, sorted(notes), arguments)

@@ -197,18 +197,15 @@ def run(
     )
     with progress_bar(progress) as bar:
         rows, notes = measure.compare(task(limit, batch_size, timing_images), configs, repeats, bar)
-    meta = {
-        **measure.environment(),
-        "arguments": {
-            "task": "vlm",
-            "models": ["fmnist-vlm"],
-            "data": "fmnist",
-            "methods": methods,
-            "keeps": list(keeps),
-            "limit": limit,
-            "batch_size": batch_size,
-            "repeats": repeats,
-            "options": options or {},
-        },
+    arguments = {
+        "task": "vlm",
+        "models": ["fmnist-vlm"],
+        "data": "fmnist",
+        "methods": methods,
+        "keeps": list(keeps),
+        "limit": limit,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "options": options or {},
     }
-    return {"meta": meta, "rows": rows, "notes": notes}
+    return measure.results(rows, notes, arguments)

@@ -385,3 +385,9 @@ def environment() -> dict[str, Any]:
             "cpus": torch.get_num_threads(),
         },
     }
+
+
+def results(rows: list[dict[str, Any]], notes, arguments: dict[str, Any], **record: Any) -> dict[str, Any]:
+    """What every bench returns and writes as JSON: {"meta": versions, machine, the arguments it ran
+    with and any other `record`; "rows"; "notes"}, the shape `tokenfuse report` and the tables read."""
+    return {"meta": {**environment(), "arguments": arguments, **record}, "rows": rows, "notes": list(notes)}

@@ -192,17 +192,18 @@ def results(
     }
     config = config_record(best, first.keep, how)
     calibrated = [r[quality] for r in rows if re.fullmatch(r"calibrated( \d+)?", r["name"])]
-    meta = {
-        **measure.environment(),
-        "arguments": {"task": "calibrate", **arguments, "keep": first.keep},
-        "config": config,
-        "spread": {
+    results = measure.results(
+        rows,
+        notes,
+        {"task": "calibrate", **arguments, "keep": first.keep},
+        config=config,
+        spread={
             "quality": quality,
             "heldout": calibrated,
             "range": max(calibrated) - min(calibrated),
             "configs": [{"method": f.best.method, "shape": f.best.shape, "keep": f.keep} for f in found],
         },
-        "top_trials": [  # the chosen one first, then the best means
+        top_trials=[  # the chosen one first, then the best means
             {
                 "method": t.candidate.method,
                 "shape": t.candidate.shape,
@@ -211,8 +212,8 @@ def results(
             }
             for t in first.trials[:8]
         ],
-    }
-    return {"meta": meta, "rows": rows, "notes": notes}, config
+    )
+    return results, config
 
 
 def config_of(candidate: Candidate, keep: float | None = None, name: str = "", **extra: Any) -> Config:
