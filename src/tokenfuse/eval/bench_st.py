@@ -134,17 +134,17 @@ def run(
         rows, notes = measure.compare(task, configs, repeats, bar)
     for row in rows:
         row["encode_ratio"] = row["encode_speedup"] / row["speedup"]
-    arguments = {
-        "task": "st",
-        "model": "minilm",
-        "data": ["bbc"],
-        "methods": methods,
-        "keeps": list(keeps),
-        "max_length": max_length,
-        "batch_size": batch_size,
-        "limit": limit,
-        "repeats": repeats,
-        "options": options or {},
-        "documents": len(texts),
-    }
+    arguments = measure.arguments(
+        "st",
+        methods,
+        keeps,
+        limit,
+        batch_size,
+        repeats,
+        options,
+        model="minilm",
+        data=["bbc"],
+        max_length=max_length,
+        documents=len(texts),
+    )
     return measure.results(rows, notes, arguments)

@@ -263,20 +263,21 @@ def run(
     task = TextTask(model_name, model, tokenizer, timed, batch_size, max_length, labels, lp, others)
     with progress_bar(progress) as bar:
         rows, notes = measure.compare(task, configs, repeats, bar)
-    arguments = {
-        "model": model_name,
-        "data": list(datasets),
-        "methods": methods,
-        "keeps": list(keeps),
-        "max_length": max_length,
-        "batch_size": batch_size,
-        "limit": limit,
-        "repeats": repeats,
-        "options": options or {},
-        "config": config,
-        "runtimes": list(runtimes),
-        "documents": len(timed),
-    }
+    arguments = measure.arguments(
+        "text",
+        methods,
+        keeps,
+        limit,
+        batch_size,
+        repeats,
+        options,
+        model=model_name,
+        data=list(datasets),
+        max_length=max_length,
+        config=config,
+        runtimes=list(runtimes),
+        documents=len(timed),
+    )
     return measure.results(rows, notes, arguments)
 
 

@@ -203,15 +203,7 @@ def run(
             )
             rows += subject_rows
             notes.update(f"{name}: {note}" for note in subject_notes)
-    arguments = {
-        "task": "vision",
-        "models": list(models),
-        "data": "fmnist",
-        "methods": methods,
-        "keeps": list(keeps),
-        "limit": limit,
-        "batch_size": batch_size,
-        "repeats": repeats,
-        "options": options or {},
-    }
+    arguments = measure.arguments(
+        "vision", methods, keeps, limit, batch_size, repeats, options, models=list(models), data="fmnist"
+    )
     return measure.results(rows, sorted(notes), arguments)

@@ -197,15 +197,7 @@ def run(
     )
     with progress_bar(progress) as bar:
         rows, notes = measure.compare(task(limit, batch_size, timing_images), configs, repeats, bar)
-    arguments = {
-        "task": "vlm",
-        "models": ["fmnist-vlm"],
-        "data": "fmnist",
-        "methods": methods,
-        "keeps": list(keeps),
-        "limit": limit,
-        "batch_size": batch_size,
-        "repeats": repeats,
-        "options": options or {},
-    }
+    arguments = measure.arguments(
+        "vlm", methods, keeps, limit, batch_size, repeats, options, models=["fmnist-vlm"], data="fmnist"
+    )
     return measure.results(rows, notes, arguments)

@@ -387,6 +387,29 @@ def environment() -> dict[str, Any]:
     }
 
 
+def arguments(
+    task: str,
+    methods: str,
+    keeps: Sequence[float],
+    limit: int | None,
+    batch_size: int | None,
+    repeats: int,
+    options: dict[str, Any] | None,
+    **more: Any,
+) -> dict[str, Any]:
+    """The arguments a comparison bench ran with, as its results record them (`more`: the task's own)."""
+    return {
+        "task": task,
+        "methods": methods,
+        "keeps": list(keeps),
+        "limit": limit,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "options": options or {},
+        **more,
+    }
+
+
 def results(rows: list[dict[str, Any]], notes, arguments: dict[str, Any], **record: Any) -> dict[str, Any]:
     """What every bench returns and writes as JSON: {"meta": versions, machine, the arguments it ran
     with and any other `record`; "rows"; "notes"}, the shape `tokenfuse report` and the tables read."""
