@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..core import Tokens, attention_bias, reduce
+from ..core.tokens import take_along
 from ..methods import LayerInput, Method
 
 
@@ -260,13 +261,11 @@ def right_padded(
     if not always and not left_padded(mask):
         return x, tokens, qkv
     order = ahead(mask)
-
-    def along(t: Tensor, dim: int) -> Tensor:
-        shape = [1] * t.dim()
-        shape[0], shape[dim] = order.shape
-        return t.gather(dim, order.view(shape).expand_as(t))
-
-    return along(x, 1), tokens.take(order), {name: along(t, 2) for name, t in qkv.items()}
+    return (
+        take_along(x, order),
+        tokens.take(order),
+        {name: take_along(t, order, 2) for name, t in qkv.items()},
+    )
 
 
 def left_padded(mask: Tensor) -> bool:

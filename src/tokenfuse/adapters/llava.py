@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Tokens, reduce
+from ..core.tokens import take_along
 from ..methods import Method, VisualInput, VisualMethod
 from . import vision
 from .base import Forward, Hooks, ahead, check_attention, left_padded, pairs_at
@@ -467,7 +468,7 @@ class LlavaPatch(Hooks):
         hidden, tokens = reduce(hidden, tokens, red)
         if fwd.left:  # padding back in front, so that the last position stays each row's last token
             order = ahead(~tokens.mask)
-            hidden = hidden.gather(1, order[..., None].expand_as(hidden))
+            hidden = take_along(hidden, order)
             tokens = tokens.take(order)
         self._relayout(fwd, tokens.origin, tokens.mask, kwargs)
         fwd.stages.append(Stage(layer=layer, valid=tokens.mask))
@@ -485,10 +486,7 @@ class LlavaPatch(Hooks):
         fwd.question = fwd.question.gather(1, at) & valid
         fwd.valid = valid
         B = at.shape[0]
-        cos, sin = (
-            t.expand(B, *t.shape[1:]).gather(1, at[..., None].expand(-1, -1, t.shape[-1]))
-            for t in base["position_embeddings"]
-        )
+        cos, sin = (take_along(t.expand(B, *t.shape[1:]), at) for t in base["position_embeddings"])
         out = {"position_embeddings": (cos, sin)}
         if base.get("position_ids") is not None:
             out["position_ids"] = base["position_ids"].expand(B, -1).gather(1, at)

@@ -13,6 +13,16 @@ import torch
 from torch import Tensor
 
 
+def take_along(t: Tensor, index: Tensor, dim: int = 1) -> Tensor:
+    """The entries of t (B, ..., N, ...) at per-row positions index (B, M) along `dim`, whatever
+    the dimensions after it: the gather every per-row re-layout of tokens shares."""
+    shape = [1] * t.dim()
+    shape[0], shape[dim] = index.shape
+    size = list(t.shape)
+    size[dim] = index.shape[1]
+    return t.gather(dim, index.view(shape).expand(size))
+
+
 @dataclass(frozen=True)
 class Tokens:
     """What the engine knows about a (possibly reduced) batch of sequences.
@@ -22,7 +32,8 @@ class Tokens:
     source: (B, N, N0) share of each original token held by each position; tracked only when
         reduced tokens must be mapped back to the full grid (dense outputs).
     origin: (B, N) for each position, where the token whose slot survives there stood when tracking
-        started (its own place, or for a merged token the one it was merged into); 0 at padding.
+        started (its own place, or for a merged token the one it was merged into); any index at
+        padding.
         Tracked only for hosts that gather per-position inputs (relative position bias, rotary
         angles, mask rows) for the tokens they now hold.
     """
@@ -46,11 +57,7 @@ class Tokens:
         re-layout (padding moved to one side), every per-token field moved alike."""
 
         def at(t: Tensor | None) -> Tensor | None:
-            if t is None:
-                return None
-            return t.gather(
-                1, index.view(*index.shape, *[1] * (t.dim() - 2)).expand(*index.shape, *t.shape[2:])
-            )
+            return None if t is None else take_along(t, index)
 
         return Tokens(
             size=at(self.size), protected=at(self.protected), source=at(self.source), origin=at(self.origin)
