@@ -82,19 +82,24 @@ def test_what_static_mode_cannot_lay_out_in_advance_is_refused():
 @pytest.mark.slow
 def test_static_mode_compiles_to_one_graph_without_breaks(tokenizer, texts):
     """torch.compile of a reduced model in static mode: no graph break anywhere in the model (the
-    default mode breaks at every value it reads back), batches of other lengths reuse the dynamic
-    graph, and the compiled model gives what the eager one gives."""
+    default mode breaks at every value it reads back), batches of other lengths, odd and even at
+    every reduction point, reuse the dynamic graph, and the compiled model gives what the eager one
+    gives."""
     from torch._dynamo.utils import counters
 
     model = tokenfuse.apply(tiny_bert(layers=2), "tome", keep=0.5, static=True)
     compiled = torch.compile(model, dynamic=True)
     torch._dynamo.reset()
     counters.clear()
-    for batch in (texts, texts[:2], texts[1:4]):
-        out, size, _ = encode(compiled, tokenizer, batch)  # first: the sizes read are its own
+    schedule = tokenfuse.patch_of(model).schedule
+    widths = []  # what each reduction point's decision sees
+    for batch in (texts, texts[:2], texts[1:4], *[[" ".join(["a"] * (n - 2))] for n in (12, 15, 17)]):
+        out, size, n = encode(compiled, tokenizer, batch)  # first: the sizes read are its own
+        widths.append([n] + [min(n, math.ceil(n * f) + 2) for f in schedule if f < 1][:-1])
         eager, eager_size, _ = encode(model, tokenizer, batch)
         torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
         assert torch.equal(size, eager_size)
+    assert len({tuple(w % 2 for w in ws) for ws in widths}) > 2, widths  # parities that differ
     assert sum(counters["graph_break"].values()) == 0
     assert counters["stats"]["unique_graphs"] <= 2  # the first shape, then one dynamic graph
 

@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from ..core import Reduction, attention_probs
-from ..core.matching import alternate, bipartite_merge, ranks
+from ..core.matching import alternate, alternate_scores, bipartite_merge, ranks
 from .base import LayerInput, Method
 from .registry import register
 
@@ -149,8 +149,7 @@ class MCTF(Method):
         fa, fb = alternate(factor)
         if self.tau_sim > 0:
             metric = inp.x / inp.x.norm(dim=-1, keepdim=True)
-            a, b = alternate(metric)
-            sim = (a @ b.transpose(1, 2)).float().add_(1).mul_(0.5)
+            sim = alternate_scores(metric).float().add_(1).mul_(0.5)
             sim = sim if self.tau_sim == 1 else sim.clamp_min_(0).pow_(1 / self.tau_sim)
             scores = sim.mul_(fa[:, :, None]).mul_(fb[:, None, :])
         else:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..core import Reduction
-from ..core.matching import alternate, bipartite_merge
+from ..core.matching import alternate, alternate_scores, bipartite_merge
 from .base import LayerInput, Method
 from .registry import register
 
@@ -101,10 +101,9 @@ class TokenTransforming(Method):
     def _matching(self, metric: Tensor, inp: LayerInput) -> Reduction:
         """Sources: the A-tokens ToMe would merge; each is spread over its k most similar B-tokens."""
         tokens = inp.tokens
-        a, b = alternate(metric)
         movable = tokens.mask & ~tokens.protected
         a_ok, b_ok = alternate(movable)
-        scores = (a @ b.transpose(1, 2)).masked_fill(~(a_ok[:, :, None] & b_ok[:, None, :]), -torch.inf)
+        scores = alternate_scores(metric).masked_fill(~(a_ok[:, :, None] & b_ok[:, None, :]), -torch.inf)
         n = metric.shape[1]
         positions = torch.arange(n, device=metric.device)
         merged = bipartite_merge(scores, tokens, inp.remove).dest[:, ::2, 0] != positions[::2]

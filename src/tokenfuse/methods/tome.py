@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..core import Reduction
-from ..core.matching import alternate, bipartite_merge, check_order
+from ..core.matching import alternate_scores, bipartite_merge, check_order
 from .base import LayerInput, Method
 from .registry import register
 
@@ -59,8 +59,7 @@ class ToMe(Method):
     def decide(self, inp: LayerInput) -> Reduction:
         metric = inp.keys() if self.similarity == "keys" else inp.x
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = alternate(metric)
-        return bipartite_merge(a @ b.transpose(1, 2), inp.tokens, inp.remove, self.order)
+        return bipartite_merge(alternate_scores(metric), inp.tokens, inp.remove, self.order)
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "similarity": self.similarity, "order": self.order}

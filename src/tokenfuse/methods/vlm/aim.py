@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core import Reduction, Tokens, reduce
-from ...core.matching import alternate, bipartite_merge
+from ...core.matching import alternate_scores, bipartite_merge
 from ...core.reduce import survivors
 from ..registry import register
 from .base import VisualInput, VisualMethod, prune_to, question_attention, top_keep
@@ -58,8 +58,7 @@ class Aim(VisualMethod):
             remove = torch.minimum(movable - inp.keep, movable // 2).clamp_min(0)
             if not bool(remove.any()):
                 break
-            a, b = alternate(F.normalize(metric, dim=-1))
-            red = bipartite_merge(a @ b.transpose(1, 2), tokens, remove)
+            red = bipartite_merge(alternate_scores(F.normalize(metric, dim=-1)), tokens, remove)
             dest = red.dest[..., 0].masked_fill(~tokens.mask, -1)  # as `reduce` sees it
             survives, position, new_n = survivors(dest[..., None])
             moved = position.gather(1, dest.clamp_min(0)).clamp_min(0)  # padding: anywhere, masked below
