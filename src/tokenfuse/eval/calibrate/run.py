@@ -192,7 +192,7 @@ def results(
     }
     config = config_record(best, first.keep, how)
     calibrated = [r[quality] for r in rows if re.fullmatch(r"calibrated( \d+)?", r["name"])]
-    results = measure.results(
+    evaluated = measure.results(
         rows,
         notes,
         {"task": "calibrate", **arguments, "keep": first.keep},
@@ -213,7 +213,7 @@ def results(
             for t in first.trials[:8]
         ],
     )
-    return results, config
+    return evaluated, config
 
 
 def config_of(candidate: Candidate, keep: float | None = None, name: str = "", **extra: Any) -> Config:
