@@ -146,6 +146,32 @@ def test_register_refuses_a_taken_name_unless_asked(registry):
         tokenfuse.register(Nameless)
 
 
+@pytest.mark.parametrize(
+    ("name", "kind", "close"),
+    [("tomee", "token", "tome"), ("ToMe", "token", "tome"), ("visonzip", "visual", "visionzip")],
+)
+def test_an_unknown_name_suggests_the_close_one(name, kind, close):
+    with pytest.raises(ValueError, match=rf"unknown .*'{name}' \(did you mean '{close}'\?\); choose one of"):
+        make(name, kind)
+
+
+def test_an_unknown_name_far_from_every_name_lists_them_without_a_guess():
+    with pytest.raises(ValueError) as err:
+        tokenfuse.apply(tiny_bert(), "nope")
+    assert "did you mean" not in str(err.value) and "choose one of: ats" in str(err.value)
+
+
+def test_available_names_the_visual_operators_apart():
+    assert "visionzip" in tokenfuse.available("visual") and "visionzip" not in tokenfuse.available()
+    with pytest.raises(ValueError, match="kind must be 'token' .* or 'visual'"):
+        tokenfuse.available("visuals")
+
+
+def test_a_keep_that_is_no_number_is_told_to_be_one():
+    with pytest.raises(ValueError, match=r"keep must be a number .*got '0\.5', a str: pass a number"):
+        tokenfuse.apply(tiny_bert(), "tome", keep="0.5")
+
+
 LAYERS, LENGTH, PROTECTED = 4, 64, 2  # tiny_bert's layers; [CLS] + 62 tokens + [SEP]
 
 

@@ -1,6 +1,7 @@
 """The command line: the bench's JSON and table, the methods list, errors in one line before any
 long work, Ctrl-C."""
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -9,9 +10,11 @@ import huggingface_hub
 import pytest
 from rich.table import Table
 
+import tokenfuse
 from tokenfuse import cli
 from tokenfuse.assets import text as data
-from tokenfuse.cli.tables import methods_table
+from tokenfuse.cli.parser import parser
+from tokenfuse.cli.tables import methods_table, result_tables
 from tokenfuse.eval import bench_text, calibrate, report
 from tokenfuse.eval.columns import text
 from tokenfuse.methods import available
@@ -97,6 +100,67 @@ def test_methods_lists_every_method_with_its_paper_and_options(capsys):
     assert "similarity='hidden'" in options[names.index("tome")]
     printed = capsys.readouterr().out
     assert all(name in printed for name in names)
+
+
+def test_methods_visual_lists_the_operators_alone(capsys):
+    assert cli.main(["methods", "--visual"]) == 0
+    printed = capsys.readouterr().out
+    assert "visual-token operators" in printed and "tokenfuse methods (" not in printed
+    assert all(name in printed for name in available("visual"))
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return action.choices
+
+
+@pytest.mark.parametrize("command", sorted(commands()))
+def test_every_option_has_help_that_shows_its_default(command):
+    sub = commands()[command]
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+        assert action.help, f"tokenfuse {command} {action.option_strings or action.dest} has no help"
+        default = action.default
+        if not (default is None or default is False or default == [] or default is argparse.SUPPRESS):
+            assert f"(default: {default})" in formatter._expand_help(action), action.option_strings
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"tokenfuse {tokenfuse.__version__}\n"
+
+
+def test_readme_bench_synopsis_names_every_option_and_task():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    synopsis = readme.split("## `tokenfuse bench`")[1].split("```")[1]
+    bench = commands()["bench"]
+    options = [o for a in bench._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    assert [o for o in options if o not in synopsis] == []
+    (task,) = [a for a in bench._actions if a.dest == "task"]
+    assert f"--task {'|'.join(task.choices)}]" in synopsis
+
+
+def test_one_timing_run_is_not_called_a_median():
+    results = json.loads(TEXT_RESULTS.read_text())
+    results["meta"]["arguments"]["repeats"] = 1
+    (shown,) = result_tables(results)
+    assert "speedup: 1 run;" in shown.caption and "median" not in shown.caption
+    results["meta"]["arguments"]["repeats"] = 3
+    assert "speedup: median of 3 interleaved runs;" in result_tables(results)[0].caption
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--method", "tomee"], "unknown method(s) tomee (did you mean 'tome'?); choose from: all"),
+        (["bench", "--method", "ToMe,nope"], "unknown method(s) ToMe (did you mean 'tome'?), nope; choose"),
+        (["calibrate", "--keep", "0.5", "--method", "mctff"], "mctff (did you mean 'mctf'?); choose from"),
+    ],
+)
+def test_an_unknown_method_on_the_command_line_suggests_the_close_one(capsys, argv, message):
+    assert cli.main(argv) == 2
+    assert message in one_line_error(capsys.readouterr().err)
 
 
 def test_bad_input_gets_a_clear_error(capsys):

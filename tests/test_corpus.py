@@ -136,6 +136,15 @@ def test_a_wrong_field_or_input_is_an_error_before_any_work(tmp_path, make, mess
         source.scan(10)
 
 
+def test_a_wrong_id_field_is_named_with_its_option(tmp_path):
+    source = Source(write(tmp_path / "in.jsonl", rows()), "text", "doc_id")
+    named = (
+        r"no row has an id in field 'doc_id' \(no id in field 'doc_id'\); choose the field with --id-field"
+    )
+    with pytest.raises(ValueError, match=named):
+        source.scan(10)
+
+
 def test_duplicate_ids_are_refused(tmp_path):
     records = rows(5) + [rows(5)[2]]
     with pytest.raises(ValueError, match="'doc-2' occurs more than once"):
@@ -173,7 +182,7 @@ def test_stop_on_a_bad_row_fails_before_any_file_is_written(tmp_path, model_dir)
     records = rows(8)
     del records[6]["text"]
     source = Source(write(tmp_path / "in.jsonl", records), "text", "id")
-    with pytest.raises(ValueError, match=r"1 bad rows .*'doc-6' \(no text in field 'text'\)"):
+    with pytest.raises(ValueError, match=r"1 bad row in .*'doc-6' \(no text in field 'text'\)"):
         embed_corpus(
             source, tmp_path / "out", Settings(model=str(model_dir)), on_error="stop", progress=False
         )
@@ -210,6 +219,33 @@ def test_an_output_folder_that_is_not_a_job_is_refused(tmp_path, model_dir):
         embed_corpus(source, tmp_path / "no" / "out", Settings(model=str(model_dir)), progress=False)
 
 
+def test_bad_rows_are_announced_only_when_the_run_goes_on_and_lists_them(tmp_path, model_dir):
+    records = rows(4)
+    records[1]["text"] = ""
+    source, said = Source(write(tmp_path / "in.jsonl", records), "text", "id"), []
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    run = dict(settings=Settings(model=str(model_dir)), progress=False, report=said.append)
+    with pytest.raises(ValueError, match="not empty"):
+        embed_corpus(source, tmp_path / "taken", **run)
+    assert said == [] and not (tmp_path / "taken" / "_skipped.json").exists()
+    embed_corpus(source, tmp_path / "out", **run)
+    skipping = [s for s in said if s.startswith("skipping")]
+    listed = (tmp_path / "out").resolve() / "_skipped.json"
+    assert skipping == [f"skipping 1 bad row: 'doc-1' (empty text) (all listed in {listed})"]
+    assert (tmp_path / "out" / "_skipped.json").is_file()
+
+
+def test_embed_creates_its_output_folder_and_names_a_missing_parent_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["embed", "--help"])
+    assert "created if missing; its parent folder must exist" in " ".join(capsys.readouterr().out.split())
+    path = write(tmp_path / "in.jsonl", rows(4))
+    code = cli.main(["embed", str(path), "-o", str(tmp_path / "no" / "out"), "--model", "/nonexistent"])
+    assert code == 2
+    assert f"its parent folder {tmp_path / 'no'} does not exist; create it" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -218,6 +254,10 @@ def test_an_output_folder_that_is_not_a_job_is_refused(tmp_path, model_dir):
         (["--address", "ray://x:10001"], "--address names a Ray cluster"),
         (["--method", "full", "--keep", "0.5"], "drop --keep"),
         (["--text-field", "body"], "no row has a text in field 'body'"),
+        (
+            ["--id-field", "doc_id"],
+            "no row has an id in field 'doc_id' (no id in field 'doc_id'); choose the field with --id-field",
+        ),
     ],
 )
 def test_cli_errors_are_one_line_before_any_work(tmp_path, model_dir, capsys, argv, message):
@@ -329,6 +369,17 @@ def test_cli_embeds_a_csv_and_writes_its_summary(tmp_path, model_dir, capsys):
     assert (summary["embedded"], summary["shards"], summary["skipped"]) == (9, 3, 0)
     ids, _ = read_output(tmp_path / "out")
     assert ids == [f"doc-{i}" for i in range(9)]
+    assert cli.main(argv) == 0  # the same job again: every shard is there
+    again = capsys.readouterr().err
+    assert f"nothing left to embed: every shard in {tmp_path / 'out'} was already complete" in again
+    assert "docs/s" not in again
+
+
+def test_cli_counts_one_shard_as_one(tmp_path, model_dir, capsys):
+    path = write(tmp_path / "in.jsonl", rows(1))
+    argv = ["embed", str(path), "-o", str(tmp_path / "out"), "--model", str(model_dir), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "1 of 1 row embedded into 1 shard in" in capsys.readouterr().err
 
 
 @pytest.mark.slow

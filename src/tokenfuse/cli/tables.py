@@ -14,9 +14,14 @@ from ..methods import available
 from ..methods.registry import Kind
 
 CAPTION = (
-    "tokens, FLOPs: per layer, relative to full; speedup: median of {repeats} interleaved runs; scoring: "
-    "share of run time spent choosing tokens; overhead: share spent in tokenfuse (choosing and applying)"
+    "tokens, FLOPs: per layer, relative to full; speedup: {runs}; scoring: share of run time spent "
+    "choosing tokens; overhead: share spent in tokenfuse (choosing and applying)"
 )
+
+
+def runs(repeats: int) -> str:
+    """How a timing was taken, for a caption: 'median of 3 interleaved runs', or '1 run'."""
+    return "1 run" if repeats == 1 else f"median of {repeats} interleaved runs"
 
 
 def table(title: str, caption: str, rows: list[dict[str, Any]]) -> Table:
@@ -48,7 +53,7 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
             f"tokenfuse calibrate: {args['model']}, keep {args['keep']:.3g}, {args['calib_size']} "
             f"calibration inputs, {args['holdout']} held-out"
         )
-        caption = CAPTION.format(repeats=args["eval_repeats"]) + "; quality measured on held-out inputs"
+        caption = CAPTION.format(runs=runs(args["eval_repeats"])) + "; quality measured on held-out inputs"
         return [table(title, caption, results["rows"])]
     if args.get("task") == "embed":
         title = (
@@ -56,11 +61,11 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
             f"max length {args['max_length']}, batch {args['batch_size']}, shards of {args['shard_size']}"
         )
         caption = (
-            f"the whole embed job per engine, median of {args['repeats']} interleaved runs; ray: a local "
+            f"the whole embed job per engine, {runs(args['repeats'])}; ray: a local "
             "cluster started before the runs; max |Δ|: embeddings vs the local engine's"
         )
         return [table(title, caption, results["rows"])]
-    caption = CAPTION.format(repeats=args["repeats"])
+    caption = CAPTION.format(runs=runs(args["repeats"]))
     if args.get("task") == "vlm":
         rows = results["rows"]
         title = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from itertools import pairwise
+from numbers import Real
 
 #: a schedule spends a budget when its work is within this of it
 WORK_TOLERANCE = 1e-6
@@ -24,7 +25,12 @@ def work(schedule: Sequence[float]) -> float:
 
 
 def check_keep(keep: float) -> float:
-    if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0.0 < keep <= 1.0:
+    if isinstance(keep, bool) or not isinstance(keep, Real):
+        raise ValueError(
+            f"keep must be a number (a fraction of the work in (0, 1]), got {keep!r}, a "
+            f"{type(keep).__name__}: pass a number such as 0.5"
+        )
+    if not 0.0 < keep <= 1.0:
         raise ValueError(
             f"keep must be a fraction of the work in (0, 1], got {keep!r}: "
             "1.0 removes nothing, 0.5 halves the token-layer work"

@@ -25,6 +25,7 @@ from ..api import apply, embed, patch_of
 from ..api.progress import progress_bar
 from ..api.text import TruncationWarning
 from ..assets.text import load_text_model
+from ..core.messages import plural
 from . import shards
 from .sources import Row, Scan, Source
 
@@ -49,7 +50,7 @@ class Settings:
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch size must be a positive int, got {self.batch_size!r}")
-        if self.max_length is not None and self.max_length < 1:
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
             raise ValueError(f"max length must be a positive number of tokens, got {self.max_length}")
         if self.config is not None and (self.method is not None or self.keep is not None or self.options):
             raise ValueError(
@@ -157,20 +158,21 @@ def embed_corpus(
     if engine == "local" and actors is not None:
         raise ValueError("--actors sets Ray's actor pool: use it with --engine ray")
     if not out.parent.is_dir():
-        raise ValueError(f"output {out}: folder {out.parent} does not exist; create it or write elsewhere")
+        raise ValueError(
+            f"output {out}: its parent folder {out.parent} does not exist; create it or write elsewhere "
+            "(the output folder itself is created, not its parents)"
+        )
     source, out = replace(source, path=source.path.resolve()), out.resolve()  # as a Ray worker sees them
     source.check()
     embedder = Embedder(settings, out)  # an unknown model or method, a budget out of range: now
     scan = source.scan(shard_size)
-    if scan.bad:
-        listed = ", ".join(f"{r.id!r} ({r.problem})" for r in scan.bad[:10])
-        more = f" and {len(scan.bad) - 10} more" if len(scan.bad) > 10 else ""
-        if on_error == "stop":
-            raise ValueError(
-                f"{len(scan.bad)} bad rows in {source.path}: {listed}{more}; fix them, or skip them "
-                "with --on-error skip"
-            )
-        report(f"skipping {len(scan.bad)} bad rows: {listed}{more} (all listed in {out / SKIPPED})")
+    listed = ", ".join(f"{r.id!r} ({r.problem})" for r in scan.bad[:10])
+    listed += f" and {len(scan.bad) - 10} more" if len(scan.bad) > 10 else ""
+    if scan.bad and on_error == "stop":
+        raise ValueError(
+            f"{plural(len(scan.bad), 'bad row')} in {source.path}: {listed}; fix them, or skip them "
+            "with --on-error skip"
+        )
     job = {
         "input": str(source.path.resolve()),
         "fingerprint": source.fingerprint(),
@@ -183,6 +185,8 @@ def embed_corpus(
     shards.prepare(out, job)
     bad = [{"id": r.id, "problem": r.problem} for r in scan.bad]
     shards.write_atomic(out / SKIPPED, lambda tmp: tmp.write_text(json.dumps(bad, indent=1)))
+    if scan.bad:  # said once the list is written: a refused run writes none
+        report(f"skipping {plural(len(scan.bad), 'bad row')}: {listed} (all listed in {out / SKIPPED})")
     count = len(scan.starts)
     done = shards.done_shards(out)
     pending = [k for k in range(count) if k not in done]
@@ -208,7 +212,7 @@ def embed_corpus(
             run_ray(plan, out, settings, address, actors, threads, finished)
     seconds = time.perf_counter() - started
     if truncated:
-        report(f"{truncated} texts were longer than the max length and were truncated to it")
+        report(f"truncated to the max length: {plural(truncated, 'text')} longer than it")
     return {
         "rows": scan.rows,
         "embedded": embedded_before + written,

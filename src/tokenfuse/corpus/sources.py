@@ -24,11 +24,13 @@ SUFFIXES: dict[str, Format] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "c
 
 @dataclass(frozen=True)
 class Row:
-    """One input row: its id, its text, and why it cannot be embedded ("" if it can)."""
+    """One input row: its id, its text, and why it cannot be embedded ("" if it can); `field`: the
+    field at fault ("id" or "text"), "" when the row itself is broken or fine."""
 
     id: Any
     text: str
     problem: str = ""
+    field: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,12 @@ class Source:
             n += 1
         if n == 0:
             raise ValueError(f"{self.path} holds no rows")
-        if len(bad) == n and self.format == "jsonl":
+        if len(bad) == n and self.format == "jsonl":  # a field no row has: a wrong name, not bad rows
+            field = "id" if all(r.field == "id" for r in bad) else "text"
+            name, what = (self.id_field, "an id") if field == "id" else (self.text_field, "a text")
             raise ValueError(
-                f"{self.path}: no row has a text in field {self.text_field!r} ({bad[0].problem}); choose "
-                "the field with --text-field"
+                f"{self.path}: no row has {what} in field {name!r} ({bad[0].problem}); choose the field "
+                f"with --{field}-field"
             )
         return Scan(rows=n, starts=starts, bad=bad)
 
@@ -207,16 +211,18 @@ class Source:
         if self.id_field is None:
             ident = number
         elif record.get(self.id_field) is None:
-            return Row(f"row {number}", "", f"no id in field {self.id_field!r}")
+            return Row(f"row {number}", "", f"no id in field {self.id_field!r}", "id")
         else:
             ident = record[self.id_field]
             if not isinstance(ident, str | int):
-                return Row(f"row {number}", "", f"id field {self.id_field!r} holds a {type(ident).__name__}")
+                problem = f"id field {self.id_field!r} holds a {type(ident).__name__}"
+                return Row(f"row {number}", "", problem, "id")
         text = record.get(self.text_field)
         if text is None:
-            return Row(ident, "", f"no text in field {self.text_field!r}")
+            return Row(ident, "", f"no text in field {self.text_field!r}", "text")
         if not isinstance(text, str):
-            return Row(ident, "", f"field {self.text_field!r} holds a {type(text).__name__}, not text")
+            problem = f"field {self.text_field!r} holds a {type(text).__name__}, not text"
+            return Row(ident, "", problem, "text")
         return Row(ident, text, "" if text.strip() else "empty text")
 
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..api import apply, patch_of, remove
+from ..core.messages import did_you_mean
 from ..methods import available
 from ..methods.registry import Kind
 from . import metrics
@@ -80,7 +81,8 @@ def method_names(
     unknown = [n for n in names if n not in (*known, *extra, "all")]
     if unknown:
         choices = ", ".join(["all", *known, *extra])
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {choices}")
+        named = ", ".join(n + did_you_mean(n, known) for n in unknown)
+        raise ValueError(f"unknown method(s) {named}; choose from: {choices}")
     if "all" in names:
         return known + [n for n in extra if n in names]
     return names

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar, overload
 
+from ..core.messages import did_you_mean
 from .base import Method
 from .vlm.base import VisualMethod
 
@@ -52,6 +53,11 @@ def register(cls: M | None = None, *, replace: bool = False) -> M | Callable[[M]
 
 
 def available(kind: Kind = "token") -> dict[str, type]:
+    """The registered classes by name, sorted: token methods (kind "token", for `apply(model, name)`),
+    or the visual-token operators of vision-language models (`available("visual")`). `tokenfuse
+    methods` lists both with their papers and options; `tokenfuse methods --visual` the operators."""
+    if kind not in _METHODS:
+        raise ValueError(f"kind must be 'token' (methods) or 'visual' (visual-token operators), got {kind!r}")
     return dict(sorted(_METHODS[kind].items()))
 
 
@@ -69,7 +75,8 @@ def make(method: str | Method | VisualMethod, kind: Kind = "token", **options: A
     names = _METHODS[kind]
     if method not in names:
         what = "method" if kind == "token" else "visual-token operator"
-        raise ValueError(f"unknown {what} {method!r}; choose one of: {', '.join(sorted(names))}")
+        hint = did_you_mean(method, names)
+        raise ValueError(f"unknown {what} {method!r}{hint}; choose one of: {', '.join(sorted(names))}")
     try:
         return names[method](**options)
     except TypeError as err:

@@ -15,6 +15,7 @@ import numpy as np
 from ... import __version__
 from ...api.progress import progress_bar
 from ...core import schedule as sched
+from ...core.messages import did_you_mean
 from ...methods import available
 from .. import measure
 from ..measure import Config
@@ -83,7 +84,8 @@ class Settings:
             raise ValueError(f"speedup must be above 1, got {self.speedup}")
         unknown = [m for m in self.methods if m not in available()]
         if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(available())}")
+            named = ", ".join(m + did_you_mean(m, available()) for m in unknown)
+            raise ValueError(f"unknown method(s) {named}; choose from: {', '.join(available())}")
         if self.calib_size < 2:
             raise ValueError(
                 f"calib_size must be at least 2, got {self.calib_size}: a change must beat the choice by "
