@@ -27,6 +27,8 @@ PLACEMENTS = {  # name: apply() arguments
     "boundary": dict(method="pool"),
     "boundary-scored": dict(method="visionzip"),
     "boundary-question": dict(method="recoverable"),
+    "boundary-diversity": dict(method="divprune"),
+    "boundary-conditional-diversity": dict(method="cdpruner"),
     "llm": dict(method="fastv"),
     "llm-question": dict(method="sparsevlm", layers=(1, 2, 3)),
     "llm-progressive": dict(method="aim-prune", layer=1, end=3),
