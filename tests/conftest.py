@@ -27,9 +27,26 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from tokenfuse.adapters.hf_text import TextPatch
 from tokenfuse.assets import text as data
 
 ATTN = ("sdpa", "eager")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "floor: runs with the text adapter's default length floor (see `no_length_floor`)"
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_length_floor(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's tests feed tiny encoders sentences shorter than the text adapter's default
+    floor (`hf_text.MIN_TOKENS`), under which nothing is reduced: they run with no floor, so that
+    they test reduction. Tests on the packaged models and data (integration) and tests of the
+    floor itself (@pytest.mark.floor) run with the default, as users do."""
+    if "floor" not in request.keywords and "integration" not in request.keywords:
+        monkeypatch.setattr(TextPatch, "default_min_tokens", 0)
 
 
 def tiny_bert(attn: str = "sdpa", layers: int = 4) -> BertModel:

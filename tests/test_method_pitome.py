@@ -166,6 +166,7 @@ def test_options_are_recorded():
     assert method.options() == {
         "keep": 0.6,
         "schedule": None,
+        "min_tokens": None,
         "prop_attn": True,
         "margin": 0.4,
         "alpha": 2.0,

@@ -149,7 +149,10 @@ class Hooks:
 
 class Patch(Hooks):
     """Token reduction installed in one transformer's layers. tokens, trace, layer_tokens(): the
-    calling thread's last forward."""
+    calling thread's last forward. default_min_tokens: the floor a method's `min_tokens=None`
+    means on this kind of model (`reduce_at`)."""
+
+    default_min_tokens: ClassVar[int] = 0
 
     def __init__(self, model: nn.Module, method: Method, num_layers: int, num_heads: int, has_cls: bool):
         super().__init__()
@@ -163,6 +166,7 @@ class Patch(Hooks):
         self.tracks_origin = False  # set by adapters whose host reads positions after the embeddings
         #: how many tokens every sequence protects, known before any input (static mode's margin)
         self.fixed_protected = 0
+        self.min_tokens = self.default_min_tokens if method.min_tokens is None else method.min_tokens
 
     @property
     def tokens(self) -> Tokens | None:
@@ -206,25 +210,32 @@ class Patch(Hooks):
     def reduce_at(self, fwd: Forward, point: int, x: Tensor) -> Tensor | None:
         """Let the method decide at reduction point `point` and apply it; None if nothing to do.
 
+        Each sequence keeps the schedule's fraction of its starting tokens, but never fewer than
+        `min_tokens` (all of its tokens if it has fewer) nor than its protected ones.
+
         Static mode (`Method.static`) reads nothing back from the tensors: each point runs, and the
         reduced width is ceil(starting width * fraction), which holds every sequence's target, plus
         the protected tokens (a method may fall short of a target by those it must leave alone,
-        on very short sequences: [CLS] x [SEP] cannot be merged further), at most the starting width
-        (fractions do not increase, so neither do the widths). A sequence that still does not fit
-        stops with an error on the device (`core.reduce`)."""
+        on very short sequences: [CLS] x [SEP] cannot be merged further), or min_tokens if more,
+        at most the starting width (fractions do not increase, so neither do the widths). A
+        sequence that still does not fit stops with an error on the device (`core.reduce`)."""
         fraction = self.schedule[point]
         if fraction >= 1.0:
             return None
         static = self.method.static
         tokens = fwd.tokens
-        floor = tokens.protected.sum(-1)
+        floor = torch.maximum(tokens.protected.sum(-1), fwd.n0.clamp_max(self.min_tokens))
         target = torch.maximum(torch.ceil(fwd.n0 * fraction).long(), floor)
         remove = (tokens.count - target).clamp_min(0)
         if not static and not bool(remove.any()):
             return None
         # from the starting width alone (never from the current one): widths stay one expression
         # of it deep, which torch.compile's dynamic shapes simplify quickly
-        width = min(fwd.width, math.ceil(fwd.width * fraction) + self.fixed_protected) if static else None
+        width = None
+        if static:
+            width = min(
+                fwd.width, max(math.ceil(fwd.width * fraction) + self.fixed_protected, self.min_tokens)
+            )
         qkv = fwd.qkv
         if not fwd.reduced:
             x, tokens, qkv = right_padded(x, tokens, qkv, always=static)

@@ -40,6 +40,11 @@ from .base import (
     with_mask,
 )
 
+#: the default floor of a text encoder's reductions (`Method.min_tokens`): below it, reducing costs
+#: more than it saves on MiniLM at keep 0.5 on 2 CPU cores (scripts/length_floor.py), and short texts
+#: are where merging hurts most
+MIN_TOKENS = 32
+
 
 @dataclass(frozen=True)
 class Family:
@@ -206,6 +211,7 @@ class TextPatch(Patch):
     transformers 5.24 for any shape of position ids)."""
 
     state_type = TextForward
+    default_min_tokens = MIN_TOKENS
 
     def __init__(self, model: nn.Module, family: Family, method: Method, protect_ids: Sequence[int] = ()):
         check_attention(model)

@@ -95,6 +95,7 @@ class Method:
         prop_attn: bool = True,
         track_source: bool = False,
         static: bool = False,
+        min_tokens: int | None = None,
     ) -> None:
         """keep: the fraction of token-layer work kept, 0.5 unless a schedule is given. schedule: the
         fraction of tokens left after each reduction point (core.schedule); it fixes the work, so a
@@ -102,7 +103,10 @@ class Method:
         from its padded length alone (ceil(length * the schedule's fraction), plus the tokens every
         sequence protects, at most the length), so that the engine
         reads nothing back from the tensors (torch.compile, export); each sequence is reduced as
-        without it, and the result is the same up to padding columns."""
+        without it, and the result is the same up to padding columns. min_tokens: no reduction
+        point takes a sequence below this many real tokens (shorter ones keep all theirs), since
+        short inputs lose most by merging and gain least; None: the adapter's default (text
+        encoders: `adapters.hf_text.MIN_TOKENS`, images: 0), 0 turns the floor off."""
         if schedule is None:
             self.schedule = None
             self.keep = sched.check_keep(0.5 if keep is None else keep)
@@ -122,6 +126,14 @@ class Method:
                 "width is not known in advance: static=True needs a method that follows the schedule"
             )
         self.static = bool(static)
+        if min_tokens is not None and (
+            isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0
+        ):
+            raise ValueError(
+                f"min_tokens must be a whole number of tokens >= 0 (0: no floor) or None (the "
+                f"model's default), got {min_tokens!r}"
+            )
+        self.min_tokens = min_tokens
 
     def schedule_for(self, num_layers: int) -> list[float]:
         """Fraction of original tokens left after each of the num_layers + 1 reduction points."""
@@ -141,7 +153,12 @@ class Method:
 
     def options(self) -> dict[str, Any]:
         """The settings that define this method instance (recorded in results)."""
-        return {"keep": self.keep, "schedule": self.schedule, "prop_attn": self.prop_attn}
+        return {
+            "keep": self.keep,
+            "schedule": self.schedule,
+            "prop_attn": self.prop_attn,
+            "min_tokens": self.min_tokens,
+        }
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items() if v is not None)
