@@ -4,7 +4,7 @@ Layers, each importing only those below it (CI checks it): core (token state, re
 schedules, configuration files; torch alone) < methods < adapters < api < assets < eval < cli.
 """
 
-from .api import apply, embed, export_onnx, last_tokens, patch_of, remove, to_grid, token_sizes
+from .api import apply, embed, export_onnx, kept, last_tokens, patch_of, remove, to_grid, token_sizes
 from .core import Reduction, Tokens, attention_bias, pool_mean, reduce, unmerge
 from .methods import LayerInput, Method, available, register
 
@@ -20,6 +20,7 @@ __all__ = [
     "available",
     "embed",
     "export_onnx",
+    "kept",
     "last_tokens",
     "patch_of",
     "pool_mean",

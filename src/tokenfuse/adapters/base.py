@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from ..core import Tokens, attention_bias, reduce
 from ..core.tokens import take_along
 from ..methods import LayerInput, Method
+from .protocol import no_kept
 
 
 @dataclass(eq=False)
@@ -180,6 +181,9 @@ class Patch(Hooks):
     def layer_tokens(self) -> Tensor:
         """(L, 2, B) this thread's last forward: tokens entering each layer and after its reduction."""
         return torch.stack([torch.stack(pair) for pair in self.trace])
+
+    def kept(self) -> list[Tensor]:
+        raise no_kept("token method")
 
     def begin(self, fwd: Forward, mask: Tensor, protected: Tensor) -> None:
         """The pass knows its padding: every real token stands for itself."""

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from . import hf_text
 from .base import Hooks, Patch, argument
+from .protocol import no_kept
 
 #: Pooling modes that read token positions, which merged tokens no longer have
 POSITIONAL = {
@@ -144,6 +145,9 @@ class SentencePatch(Hooks):
 
     def layer_tokens(self) -> Tensor:
         return self.encoder.layer_tokens()
+
+    def kept(self) -> list[Tensor]:
+        raise no_kept("SentenceTransformer's token method")
 
     def _timer(self, hook) -> partial:
         """These hooks' time counts in the encoder patch's overhead_seconds."""

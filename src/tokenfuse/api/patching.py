@@ -10,12 +10,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from .. import adapters
-from ..adapters import llava
-from ..adapters.sentence_transformers import SentencePatch, encoder_of
+from ..adapters import Installed, SentencePatch
 from ..core import Tokens, unmerge
 from ..core.config import check_fitted_on, load_config
 from ..core.schedule import LayerCountError
-from ..methods import Method, make
+from ..methods import Method, available, make
 
 _ATTR = "_tokenfuse_patch"
 
@@ -57,26 +56,21 @@ def apply(
     each image's visual tokens kept; `vision` a token method run in the vision tower, at
     `vision_keep`. Either may be None, not both.
     """
-    if llava.llava_model(model) is not None:
-        return _apply_llava(
-            model, method, keep, vision, vision_keep, config, temperature, protect_ids, options
-        )
+    kind = adapters.target(model)  # refuses, naming it, a model no adapter serves
+    if kind == "vlm":
+        return _apply_vlm(model, method, keep, vision, vision_keep, config, temperature, protect_ids, options)
     if vision is not None or vision_keep is not None:
-        raise ValueError("vision= and vision_keep= apply to vision-language models; this model is not one")
-    encoder = encoder_of(model)
-    if encoder is not None:  # a SentenceTransformer: its encoder is patched as any, its Pooling reads sizes
-        apply(
-            encoder, method, keep, config=config, temperature=temperature, protect_ids=protect_ids, **options
+        raise ValueError(
+            "vision= and vision_keep= apply to vision-language models (their vision tower); this is a "
+            f"{kind} model: give its method as the second argument"
         )
-        remove(model)  # a previous patch's hooks (its encoder patch was replaced by the line above)
-        setattr(model, _ATTR, SentencePatch(model, patch_of(encoder)))
-        return model
+    host = adapters.encoder_of(model) if kind == "sentence-transformers" else model
     source = None
     if config is not None:
         source = f"config {config}" if isinstance(config, str | Path) else "the config"
         config = load_config(config)
         options = _configured(config, source, method, keep, temperature, options)
-        check_fitted_on(config, model, source)
+        check_fitted_on(config, host, source)
         method, keep, temperature = config["method"], None, config.get("temperature", temperature)
     if keep is not None:
         options["keep"] = keep
@@ -84,6 +78,7 @@ def apply(
         raise ValueError(f"temperature must be positive, got {temperature}")
     method = make("tome" if method is None else method, **options)
     remove(model)
+    remove(host)  # a SentenceTransformer's encoder may carry a patch of its own
     try:
         patch = adapters.install(model, method, protect_ids)
     except LayerCountError as err:
@@ -96,12 +91,14 @@ def apply(
             "configuration for this model (tokenfuse calibrate)"
         ) from None
     if temperature is not None:
-        patch.hold(model.register_forward_hook(ScaleLogits(temperature)))
+        patch.hold(host.register_forward_hook(ScaleLogits(temperature)))
+    if host is not model:  # the encoder keeps its own patch, for tokenfuse.embed
+        setattr(host, _ATTR, patch.encoder)
     setattr(model, _ATTR, patch)
     return model
 
 
-def _apply_llava(
+def _apply_vlm(
     model, method, keep, vision, vision_keep, config, temperature, protect_ids, options
 ) -> nn.Module:
     given = {"config": config, "temperature": temperature}
@@ -116,6 +113,13 @@ def _apply_llava(
         raise ValueError("options go with one operator; for several, pass operator objects")
     if keep is not None:
         options["keep"] = keep
+    for name in named:
+        if isinstance(name, str) and name not in available("visual") and name in available():
+            raise ValueError(
+                f"unknown visual-token operator {name!r}: {name} is a token method, which runs inside the "
+                f"vision tower: apply(model, vision={name!r}, vision_keep=0.5), alone or beside an operator; "
+                f"visual-token operators: {', '.join(available('visual'))}"
+            )
     methods = [make(m, kind="visual", **options) for m in named]
     tower = None
     if vision is not None:
@@ -123,7 +127,7 @@ def _apply_llava(
     elif vision_keep is not None:
         raise ValueError("vision_keep was given without vision= (the token method for the vision tower)")
     remove(model)
-    setattr(model, _ATTR, llava.LlavaPatch(model, methods, tower))
+    setattr(model, _ATTR, adapters.install(model, methods, vision_method=tower))
     return model
 
 
@@ -186,7 +190,7 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def patch_of(model: nn.Module) -> adapters.Patch | SentencePatch | None:
+def patch_of(model: nn.Module) -> Installed | None:
     return getattr(model, _ATTR, None)
 
 
@@ -204,6 +208,16 @@ def token_sizes(model: nn.Module) -> Tensor:
     (0 = padding); use it to pool a reduced output. Once tokens were reduced, the real ones come
     first in every row: a left-padded input comes out right-padded."""
     return last_tokens(model).size
+
+
+def kept(model: nn.Module) -> list[Tensor]:
+    """Vision-language models: per image of this thread's last prompt, in prompt order, the indices
+    (sorted) of its visual tokens that reached the LLM's last layers, counted in the image's tower
+    output (LLaVA-1.5: 0..575, row-major over the patch grid). Other models refuse, saying what to read."""
+    patch = patch_of(model)
+    if patch is None:
+        raise RuntimeError("no reduction to read: apply a visual-token operator and run the model first")
+    return patch.kept()
 
 
 def to_grid(model: nn.Module, x: Tensor) -> Tensor:

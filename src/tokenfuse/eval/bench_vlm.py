@@ -102,7 +102,7 @@ class VLMTask:
         for layer, count in llm_trace:
             llm[layer:] = count.float()
         images = (ids == config.image_token_id).any(1)
-        prefill = None if patch is None else patch.prefill
+        prefill = None if patch is None else patch.last  # the last prompt's pass (not a decoding step's)
         tower_rows = None if prefill is None else prefill.tower_trace
         if tower_rows is None:
             grid = inputs["pixel_values"].shape[-1] // config.vision_config.patch_size

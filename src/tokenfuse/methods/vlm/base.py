@@ -1,6 +1,6 @@
 """What a visual-token operator is: a rule that, given a batch of visual tokens at one placement of a
 vision-language model, decides a `Reduction` (the same format, and the same engine, as every token
-method). The LLaVA adapter (tokenfuse.adapters.llava) gathers what the operator scores with, applies the
+method). The VLM adapter (tokenfuse.adapters.vlm) gathers what the operator scores with, applies the
 reduction and rebuilds the sequence around it.
 
 Placements:
