@@ -10,7 +10,8 @@ import torch
 from test_cli import printed_table
 
 from tokenfuse import cli
-from tokenfuse.api.text import embed, pooling_of
+from tokenfuse.api.pipeline import pooling_of
+from tokenfuse.api.text import embed
 from tokenfuse.assets import MissingAsset
 from tokenfuse.assets import text as data
 from tokenfuse.eval import bench_text

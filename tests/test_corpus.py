@@ -334,6 +334,8 @@ def test_ray_engine_writes_the_same_shards_and_resumes_a_local_run(tmp_path):
     ray_ids, vectors = read_output(out)
     assert ray_ids == local_ids
     np.testing.assert_allclose(vectors, local, atol=1e-6, rtol=0)
+    # the packaged MiniLM ends in Normalize: on Ray too, unit vectors
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-6)
     # two actors of one thread each: the same sums as one thread locally (a thread count changes the
     # order of float additions: 1.1e-6 apart from the two-thread run above)
     embed_corpus(source, tmp_path / "one-thread", settings, threads=1, **run)

@@ -14,7 +14,8 @@ import torch
 from conftest import tiny_bert
 
 import tokenfuse
-from tokenfuse.api.text import pooling_of, tokenize
+from tokenfuse.api.pipeline import Pipeline, pipeline_of, pooling_of
+from tokenfuse.api.text import tokenize
 from tokenfuse.assets import text as data
 
 MODES = ("mean", "cls", "max", "mean_sqrt_len_tokens", "lasttoken")  # sentence-transformers modes
@@ -76,15 +77,24 @@ def test_padding_is_never_pooled(tokenizer, texts):
         assert torch.allclose(together, alone, atol=1e-5), mode
 
 
-def write_pooling(folder: Path, settings: dict, pooling_dir: str = "1_Pooling", modules: bool = True) -> Path:
-    """A sentence-transformers folder's pooling files (the weights are not needed to read them)."""
+def write_pooling(
+    folder: Path,
+    settings: dict,
+    pooling_dir: str = "1_Pooling",
+    modules: bool = True,
+    after: tuple[str, ...] = ("Normalize",),
+) -> Path:
+    """A sentence-transformers folder's pooling files (the weights are not needed to read them), its
+    modules.json listing the Transformer, the Pooling and the modules `after` it."""
     (folder / pooling_dir).mkdir(parents=True, exist_ok=True)
     (folder / pooling_dir / "config.json").write_text(json.dumps(settings))
     if modules:
         listed = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": pooling_dir, "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ] + [
+            {"idx": i, "name": str(i), "path": f"{i}_{kind}", "type": f"sentence_transformers.models.{kind}"}
+            for i, kind in enumerate(after, start=2)
         ]
         (folder / "modules.json").write_text(json.dumps(listed))
     return folder
@@ -124,6 +134,47 @@ def test_a_mode_embed_cannot_reproduce_is_refused(tmp_path, tokenizer, settings,
     tokenfuse.embed(model, tokenizer, ["fine"], pooling="mean")  # the way out the message names
 
 
+def test_normalize_follows_the_modules_after_the_pooling_and_the_switch_forces_it(tmp_path, tokenizer, texts):
+    normalized = named(write_pooling(tmp_path / "n", FLAGS["max"]))
+    plain = named(write_pooling(tmp_path / "p", FLAGS["max"], after=()))
+    assert pipeline_of(normalized) == Pipeline("max", normalize=True)
+    assert pipeline_of(plain) == Pipeline("max", normalize=False)
+    assert pipeline_of(named(write_pooling(tmp_path / "a", FLAGS["cls"], modules=False))) == Pipeline("cls")
+    assert pipeline_of(tiny_bert()) == Pipeline("mean", normalize=False)  # built from a config: no folder
+    raw = tokenfuse.embed(plain, tokenizer, texts, batch_size=2)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(texts)), atol=1e-2)
+    unit = torch.nn.functional.normalize(raw, dim=-1)
+    torch.testing.assert_close(
+        tokenfuse.embed(normalized, tokenizer, texts, batch_size=2), unit, rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(
+        tokenfuse.embed(normalized, tokenizer, texts, batch_size=2, normalize=False), raw
+    )
+    torch.testing.assert_close(tokenfuse.embed(plain, tokenizer, texts, batch_size=2, normalize=True), unit)
+    with pytest.raises(TypeError, match="normalize must be True, False or None .the model's own., got 'yes'"):
+        tokenfuse.embed(plain, tokenizer, texts, normalize="yes")
+
+
+def test_a_module_after_the_pooling_that_embed_cannot_reproduce_is_refused(tmp_path, tokenizer):
+    """A Dense layer after the Pooling maps the pooled vector to another space: embed refuses it,
+    naming the module, the way through sentence-transformers, and the explicit choice."""
+    tiny_bert().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = named(write_pooling(tmp_path, FLAGS["mean"], after=("Dense", "Normalize")))
+    for forced in ({}, {"pooling": "mean"}, {"normalize": False}):
+        with pytest.raises(ValueError) as refused:
+            tokenfuse.embed(model, tokenizer, ["fine"], **forced)
+        message = str(refused.value)
+        assert "modules.json runs Dense (2_Dense) after its Pooling" in message
+        assert "does not reproduce (it follows Pooling and Normalize)" in message
+        assert "tokenfuse.apply(SentenceTransformer(path), ...)" in message
+        assert "pass pooling= and normalize=" in message
+    with pytest.raises(ValueError, match="runs Dense"):
+        data.load_text_model(str(tmp_path))  # what `tokenfuse embed` loads: refused before any work
+    out = tokenfuse.embed(model, tokenizer, ["fine"], pooling="mean", normalize=True)  # the way out
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(1))
+
+
 def test_modules_json_without_a_pooling_module_is_refused(tmp_path):
     (tmp_path / "modules.json").write_text(json.dumps([{"path": "", "type": "x.Transformer"}]))
     with pytest.raises(ValueError, match="lists no Pooling module"):
@@ -141,6 +192,7 @@ def minilm_copy(folder: Path, mode: str) -> Path:
 
 
 def test_a_minilm_folder_switched_to_cls_and_max_embeds_with_them(tmp_path, tokenizer, texts):
+    """Then normalised, as its modules.json ends in Normalize."""
     for mode in ("cls", "max"):
         model, tok = data.load_text_model(str(minilm_copy(tmp_path / mode, mode)))
         inputs = tok(texts, padding=True, return_tensors="pt")
@@ -148,7 +200,9 @@ def test_a_minilm_folder_switched_to_cls_and_max_embeds_with_them(tmp_path, toke
             hidden = model(**inputs).last_hidden_state
         mask = inputs["attention_mask"].bool()[..., None]
         expected = hidden[:, 0] if mode == "cls" else hidden.masked_fill(~mask, -torch.inf).amax(1)
-        assert torch.allclose(tokenfuse.embed(model, tok, texts), expected, atol=1e-5), mode
+        assert torch.allclose(tokenfuse.embed(model, tok, texts, normalize=False), expected, atol=1e-5), mode
+        unit = torch.nn.functional.normalize(expected, dim=-1)
+        assert torch.allclose(tokenfuse.embed(model, tok, texts), unit, atol=1e-6), mode
 
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -179,11 +233,12 @@ def test_a_hub_model_gets_its_pooling_from_the_cache(offline_cache, tokenizer, t
     minilm_copy(cached_repo(offline_cache, repo), "cls")
     model, tok = data.load_text_model(repo)
     assert model.config._name_or_path == repo and not Path(repo).exists()
-    assert pooling_of(model) == "cls"
+    assert pipeline_of(model) == Pipeline("cls", normalize=True)
     inputs = tok(texts, padding=True, return_tensors="pt")
     with torch.inference_mode():
         cls = model(**inputs).last_hidden_state[:, 0]
-    assert torch.allclose(tokenfuse.embed(model, tok, texts), cls, atol=1e-5)
+    assert torch.allclose(tokenfuse.embed(model, tok, texts, normalize=False), cls, atol=1e-5)
+    assert torch.allclose(tokenfuse.embed(model, tok, texts), torch.nn.functional.normalize(cls, dim=-1))
 
 
 def test_a_hub_model_whose_pooling_is_not_cached_says_so(offline_cache):

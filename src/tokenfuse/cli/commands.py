@@ -236,6 +236,7 @@ def embed_command(args: argparse.Namespace, out: Console, err: Console) -> int:
         config=None if args.config is None else load_config(args.config),
         max_length=args.max_length,
         batch_size=args.batch_size,
+        normalize=False if args.no_normalize else None,
     )
     summary = embed_corpus(
         Source(args.input, args.text_field, args.id_field),

@@ -192,6 +192,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--config", type=Path, help="a configuration written by `tokenfuse calibrate`")
     e.add_argument("--max-length", type=int, help="tokens per text (default: the model's maximum)")
     e.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    e.add_argument(
+        "--no-normalize",
+        action="store_true",
+        help="leave the pooled vectors unnormalised (default: the model's own pipeline, L2-normalised "
+        "where it ends in sentence-transformers' Normalize, as the packaged MiniLM does)",
+    )
     e.add_argument("--shard-size", type=int, default=1000, help="input rows per Parquet shard")
     e.add_argument(
         "--on-error",

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import __version__
 from ..api import apply, embed, patch_of
+from ..api.pipeline import pipeline_of
 from ..api.progress import progress_bar
 from ..api.text import TruncationWarning
 from ..assets.text import load_text_model
@@ -36,8 +37,9 @@ SKIPPED = "_skipped.json"
 
 @dataclass(frozen=True)
 class Settings:
-    """What defines the embeddings: the model, the reduction, the tokens and batches. Two runs with
-    equal settings on the same rows write equal shards."""
+    """What defines the embeddings: the model, the reduction, the tokens and batches, and whether
+    they are normalised (None: as the model's own pipeline does, `pipeline_of`; False: never). Two
+    runs with equal settings on the same rows write equal shards."""
 
     model: str = "minilm"
     method: str | None = "tome"  # "full": the model unreduced; None with a config
@@ -46,6 +48,7 @@ class Settings:
     config: dict[str, Any] | None = None  # a calibrated configuration (`tokenfuse calibrate`)
     max_length: int | None = None
     batch_size: int = 32
+    normalize: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -88,7 +91,12 @@ class Embedder:
 
     def __post_init__(self) -> None:
         self.model, self.tokenizer = self.settings.load()
-        self.metadata = {**self.settings.describe(self.model), "tokenfuse": __version__}
+        self.pipeline = pipeline_of(self.model, normalize=self.settings.normalize)  # read once, resolved
+        self.metadata = {
+            **self.settings.describe(self.model),
+            **asdict(self.pipeline),
+            "tokenfuse": __version__,
+        }
 
     def write(self, shard: int, rows: list[Row]) -> tuple[int, int]:
         """Embed the shard's good rows and write it; (rows written, texts truncated to max length)."""
@@ -103,6 +111,8 @@ class Embedder:
                     [r.text for r in good],
                     batch_size=self.settings.batch_size,
                     max_length=self.settings.max_length,
+                    pooling=self.pipeline.pooling,
+                    normalize=self.pipeline.normalize,
                     progress=False,
                 ).numpy()
             truncated = sum(w.message.count for w in caught if isinstance(w.message, TruncationWarning))
@@ -181,6 +191,7 @@ def embed_corpus(
         "rows": scan.rows,
         "shard_size": shard_size,
         **asdict(settings),
+        **asdict(embedder.pipeline),  # as resolved: unnormalised shards are never continued normalised
     }
     shards.prepare(out, job)
     bad = [{"id": r.id, "problem": r.problem} for r in scan.bad]

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..api.pipeline import pooling_of
 from ..api.progress import progress_bar
-from ..api.text import encode_padded, padded_batches, pooling_of
+from ..api.text import encode_padded, padded_batches
 from ..assets import text as data
 from . import measure, metrics
 from .measure import Config, Pass

@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from ..api.pipeline import pooling_of
 from ..api.progress import progress_bar
-from ..api.text import encode_padded, padded_batches, pool, pooling_of
+from ..api.text import encode_padded, padded_batches, pool
 from ..assets import text as data
 from ..core.config import load_config
 from . import measure, metrics
