@@ -116,7 +116,7 @@ def _apply_vlm(
     for name in named:
         if isinstance(name, str) and name not in available("visual") and name in available():
             raise ValueError(
-                f"unknown visual-token operator {name!r}: {name} is a token method, which runs inside the "
+                f"unknown visual-token operator {name!r}: {name!r} is a token method, which runs inside the "
                 f"vision tower: apply(model, vision={name!r}, vision_keep=0.5), alone or beside an operator; "
                 f"visual-token operators: {', '.join(available('visual'))}"
             )

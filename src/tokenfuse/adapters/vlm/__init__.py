@@ -45,6 +45,8 @@ class VlmPatch(Hooks):
         self.tower = Tower(self, self.boundary, tower_method)
         self.cross = Boundary(self, self.boundary)
         self.decode = Decode(self)
+        if model is not inner:  # the model that computes a loss from labels
+            self.before(model, self._no_labels, kwargs=True)
         self.before(inner, self._begin, kwargs=True)
         self.after(inner, self._end, kwargs=True)
         self.tower.install(self.boundary.needs if self.boundary is not None else frozenset())
@@ -85,6 +87,17 @@ class VlmPatch(Hooks):
         return fwd
 
     # -- a pass -------------------------------------------------------------------------------
+    def _no_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Labels name one target per input position; a reduced prompt has fewer positions."""
+        if kwargs.get("labels") is not None and (
+            self.reduces_images() or any(f < 1 for _, f in self.llm.stages)
+        ):
+            raise ValueError(
+                "labels= was given to a reduced vision-language model, whose logits cover the kept positions "
+                "only (fewer than the prompt's), so the labels would not line up with them: compute the "
+                "loss on the unreduced model (tokenfuse.remove(model)), or reduce at keep 1.0"
+            )
+
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = {**dict(zip(_ARGS, args, strict=False)), **kwargs}
         if "past_key_values" in kwargs:

@@ -65,8 +65,8 @@ class Tower:
         self.selected = feature_layer
         self.feature_layer = feature_layer % (self.layers + 1) - 1  # hidden_states[0]: the embeddings
         if boundary is not None:
-            boundary.check(self.feature_layer + 1)
             self._check_cls(boundary)
+            boundary.check(self.feature_layer + 1)
         self.vision = None if method is None else self._token_method(method, boundary)
 
     def _attention(self) -> list[nn.Module]:
