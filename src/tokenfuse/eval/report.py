@@ -113,8 +113,9 @@ def _number(value: Any) -> bool:
 
 
 def draw(ax, model: str, entries: list[Entry]) -> None:
-    """One speed-versus-quality panel: a line per method through its keeps in order of speedup,
-    the baselines as large labelled grey markers, the full model at (1, its quality)."""
+    """One speed-versus-quality panel: a line per method along its frontier (its points that no
+    faster one beats; the others hollow), the baselines as large labelled grey markers, the full
+    model at (1, its quality), and for an at-speed bench the baselines' speeds as dashed lines."""
     key, label = quality_of(model)
     curves: dict[str, list[tuple[float, float, float]]] = {}
     for e in entries:
@@ -145,7 +146,15 @@ def draw(ax, model: str, entries: list[Entry]) -> None:
                 ax.annotate(text, xy, xytext=(7, -12), textcoords="offset points", fontsize=8)
         else:
             colour = next(colours)
-            ax.plot(xs, ys, lw=2, color=colour, marker="o", ms=5, label=name, zorder=2)
+            front = frontier(points)
+            ax.plot(*zip(*front, strict=True), lw=2, color=colour, marker="o", ms=5, label=name, zorder=2)
+            behind = [p for p in points if p not in front]
+            if behind:
+                xy = [p[0] for p in behind], [p[1] for p in behind]
+                ax.plot(*xy, ls="", marker="o", ms=5, mfc="none", color=colour, zorder=2)
+    targets = sorted({e.row["target_speedup"] for e in entries if _number(e.row.get("target_speedup"))})
+    for x in targets:  # bench --at-speed: the baselines' measured speeds, where methods were matched
+        ax.axvline(x, color="grey", lw=0.6, ls="--", zorder=1)
     if "full" in curves:
         ax.axhline(curves["full"][0][1], color="black", lw=0.6, ls=":", zorder=1)
     ax.set_title(f"{model}: {label} vs speedup")
@@ -155,6 +164,16 @@ def draw(ax, model: str, entries: list[Entry]) -> None:
     ax.margins(x=0.1, y=0.08)  # room for the labels at the ends
     if curves:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+
+
+def frontier(points: list[tuple[float, float, float]]) -> list[tuple[float, float]]:
+    """A curve's speed-quality frontier, in order of speedup: the (speedup, quality) points that no
+    faster point of the curve beats in quality."""
+    out: list[tuple[float, float]] = []
+    for x, y, _ in sorted(points, key=lambda p: -p[0]):
+        if not out or y > out[-1][1]:
+            out.append((x, y))
+    return out[::-1]
 
 
 def figure(groups: dict[str, list[Entry]]):

@@ -18,10 +18,11 @@ from ...core import schedule as sched
 from ...core.messages import did_you_mean
 from ...methods import available
 from .. import measure
+from ..at_speed import parse_targets
 from ..measure import Config
+from ..speed_match import Target
 from .search import METHODS, Candidate, Trial, constant, search
-
-SPEEDUP_ROUNDS = 3  # interleaved timing rounds of a found configuration against the full model
+from .speed import search_at_speed
 
 
 def config_record(best: Trial, keep: float, how: dict[str, Any]) -> dict[str, Any]:
@@ -41,8 +42,8 @@ def config_record(best: Trial, keep: float, how: dict[str, Any]) -> dict[str, An
 @dataclass
 class Found:
     """The outcome of calibrating on one set: trials as `search` orders them (the chosen first),
-    the keep searched at (corrected for a speedup budget), the speedups measured on the way, and
-    where the set starts."""
+    the chosen keep, at a speed budget the chosen configuration's speed over the target's as timed
+    on the set, and where the set starts."""
 
     trials: list[Trial]
     keep: float
@@ -61,6 +62,7 @@ class Settings:
 
     keep: float | None = None
     speedup: float | None = None
+    speed_of: str | None = None  # 'truncation@0.5': the speedup of that baseline, measured in the run
     calib_size: int = 64
     methods: Sequence[str] = METHODS
     time_limit: float = 180.0
@@ -74,14 +76,17 @@ class Settings:
     data_path: str | None = None  # classifiers only: the Fashion-MNIST folder
     progress: bool = True
 
-    def budget(self) -> float:
-        """The work fraction to search at first, once what was asked is checked."""
-        if (self.keep is None) == (self.speedup is None):
+    def budget(self, task: str = "text") -> float:
+        """The work fraction to search at first, once what was asked is checked. task: text or
+        vision, whose baseline `speed_of` names."""
+        if sum(b is not None for b in (self.keep, self.speedup, self.speed_of)) != 1:
             raise ValueError(
-                "give the budget as either --keep (work fraction) or --speedup (measured), not both"
+                "give the budget as one of --keep (work fraction), --speedup (measured) or --speed-of "
+                "(a baseline's measured speed)"
             )
         if self.speedup is not None and self.speedup <= 1:
             raise ValueError(f"speedup must be above 1, got {self.speedup}")
+        target = self.target(task)
         unknown = [m for m in self.methods if m not in available()]
         if unknown:
             named = ", ".join(m + did_you_mean(m, available()) for m in unknown)
@@ -99,7 +104,19 @@ class Settings:
             eval_repeats=self.eval_repeats,
             max_length=self.max_length,
         )
+        if isinstance(target, Config):
+            return target.keep
         return sched.check_keep(1 / self.speedup if self.keep is None else self.keep)
+
+    def target(self, task: str = "text") -> Target | None:
+        """The speed to reach: a speedup, a baseline configuration, or None for a work budget."""
+        if self.speed_of is None:
+            return self.speedup
+        targets = parse_targets(self.speed_of, task)
+        if len(targets) != 1:
+            one = f"{targets[0].method}@{targets[0].keep:g}"
+            raise ValueError(f"--speed-of {self.speed_of}: give one baseline, e.g. --speed-of {one}")
+        return targets[0]
 
     def starts(self, total: int, what: str) -> list[int]:
         """Where each calibration set begins: after the held-out inputs, disjoint."""
@@ -124,43 +141,40 @@ def calibrate_sets(
     objective: Callable[[int], tuple[Callable[[Candidate], np.ndarray], measure.Task]],
     settings: Settings,
     starts: list[int],
+    task: str = "text",
 ) -> list[Found]:
     """Search on each calibration set. objective(first) gives, for the set starting at `first`, its
-    score function and the set as a bench task (`measure.Task`), to time a speedup budget on.
-
-    With `speedup`, the budget is measured: a first search at keep = 1 / speedup, the found
-    configuration timed against the full model on the set as the bench times, keep corrected by the
-    shortfall, and a second search; each gets half the time.
-    """
+    score function and the set as a bench task (`measure.Task`), to time a speed target on. At a
+    work budget, the staged `search`; at a speed (`speedup`, `speed_of`, whose baseline is the
+    `task`'s), `speed.search_at_speed`, timed on the set as the bench times."""
     num_layers = model.config.num_hidden_layers
-    keep, speedup, rounds = settings.budget(), settings.speedup, 1 if settings.speedup is None else 2
+    keep, target = settings.budget(task), settings.target(task)
     found = []
     with progress_bar(settings.progress) as bar:
         for r, first in enumerate(starts):
-            task = bar.add_task(f"calibration set {r + 1}/{len(starts)}", total=None)
+            task_bar = bar.add_task(f"calibration set {r + 1}/{len(starts)}", total=None)
 
-            def say(what: str, task=task, r=r) -> None:
-                bar.update(task, description=f"calibration set {r + 1}/{len(starts)}: {what}")
+            def say(what: str, task_bar=task_bar, r=r) -> None:
+                bar.update(task_bar, description=f"calibration set {r + 1}/{len(starts)}: {what}")
 
             score, subject = objective(first)
-            k, measured = keep, []
-            for _ in range(rounds):
-                if measured:
-                    k = sched.check_keep(min(1.0, k * measured[-1] / speedup))
-                try:
-                    trials = search(score, k, num_layers, settings.methods, settings.time_limit / rounds, say)
-                except ValueError as e:
-                    if not measured:
-                        raise
-                    raise ValueError(
-                        f"{e}: the keep for {speedup:g}x, corrected by the {measured[-1]:.2f}x measured at "
-                        f"keep {1 / speedup:.3g}; ask for a lower --speedup"
-                    ) from None
-                if speedup is not None:
-                    chosen = config_of(trials[0].candidate, k)
-                    measured.append(measure.speedup(subject, chosen, SPEEDUP_ROUNDS))
-            found.append(Found(trials, k, measured, first))
-            bar.remove_task(task)
+            if target is None:
+                trials = search(score, keep, num_layers, settings.methods, settings.time_limit, say)
+                found.append(Found(trials, keep, [], first))
+            else:
+                trials, k, ratio = search_at_speed(
+                    score,
+                    subject,
+                    target,
+                    keep,
+                    num_layers,
+                    tuple(settings.methods),
+                    settings.time_limit,
+                    lambda c, k: config_of(c, k),
+                    say,
+                )
+                found.append(Found(trials, k, [ratio], first))
+            bar.remove_task(task_bar)
     return found
 
 
@@ -190,9 +204,16 @@ def results(
         "trials": len(first.trials),
         "time_limit": arguments["time_limit"],
         "speedup_target": arguments["speedup"],
-        "speedup_measured_on_calibration": first.measured,
+        "speed_of": arguments["speed_of"],
+        "speed_over_target_on_calibration": first.measured,
     }
     config = config_record(best, first.keep, how)
+    row = next(r for r in rows if r["name"] == "calibrated")
+    config["measured"] = {  # on the held-out inputs, in the evaluation's run
+        "speedup": row["speedup"],
+        quality: row.get(quality),
+        "target_speedup": next((r["speedup"] for r in rows if "@" in r["name"]), arguments["speedup"]),
+    }
     calibrated = [r[quality] for r in rows if re.fullmatch(r"calibrated( \d+)?", r["name"])]
     evaluated = measure.results(
         rows,
@@ -225,15 +246,22 @@ def config_of(candidate: Candidate, keep: float | None = None, name: str = "", *
     return Config(candidate.method, keep, {**candidate.apply_options(), **extra}, name)
 
 
-def calibrated_configs(found: list[Found], baselines: Sequence[str], **extra: Any) -> list[Config]:
+def calibrated_configs(
+    found: list[Found], baselines: Sequence[str], target: Config | float | None = None, **extra: Any
+) -> list[Config]:
     """What the evaluation compares: full, the calibrated configuration, the same method with its
-    constant schedule at the same budget, the baselines, and the other sets' calibrations."""
+    constant schedule at the same budget, the baselines (at the same budget; a baseline `target`
+    at its own keep, named as --speed-of names it), and the other sets' calibrations."""
     first = found[0]
+    if isinstance(target, Config):
+        compared = [dataclasses.replace(target, name=f"{target.method}@{target.keep:g}")]
+    else:
+        compared = [Config(b, first.keep) for b in baselines]
     configs = [
         measure.FULL,
         config_of(first.best, first.keep, "calibrated", **extra),
         Config(first.best.method, first.keep, name="constant"),
-        *(Config(b, first.keep) for b in baselines),
+        *compared,
     ]
     return configs + [
         config_of(f.best, f.keep, f"calibrated {r + 2}", **extra) for r, f in enumerate(found[1:])

@@ -52,7 +52,7 @@ def run_text(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     start = time.monotonic()
     found = calibrate_sets(model, objective, s, starts)
     seconds = time.monotonic() - start
-    configs = calibrated_configs(found, ("truncation",))
+    configs = calibrated_configs(found, ("truncation",), s.target("text"))
     with progress_bar(s.progress) as bar:
         rows, notes = measure.compare(documents(0, s.holdout), configs, s.eval_repeats, bar)
     closeness = "mean embedding cosine to the full model"
@@ -84,7 +84,7 @@ def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     s = dataclasses.replace(
         settings, model="fmnist-vit", holdout=500 if settings.holdout is None else settings.holdout
     )
-    s.budget()  # fail on a bad budget before loading anything
+    s.budget("vision")  # fail on a bad budget before loading anything
     subject = bench_vision.classifier(s.holdout + s.calib_size * s.repeats, s.data_path, s.batch_size)
     starts = s.starts(len(subject.labels), "images")
     s.batch_size, model = subject.batch_size, subject.model
@@ -103,7 +103,7 @@ def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         return score, images
 
     start = time.monotonic()
-    found = calibrate_sets(model, objective, s, starts)
+    found = calibrate_sets(model, objective, s, starts, "vision")
     extra = {}
     if s.fit_temperature:
         first = found[0]
@@ -112,7 +112,7 @@ def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
             log_probs(images, config_of(first.best, first.keep)), images.labels
         )
     seconds = time.monotonic() - start
-    configs = calibrated_configs(found, ("resize",))
+    configs = calibrated_configs(found, ("resize",), s.target("vision"))
     if extra:
         first = found[0]
         configs.insert(2, config_of(first.best, first.keep, "calibrated + temperature", **extra))
