@@ -19,6 +19,8 @@ from transformers import (
     Dinov2WithRegistersModel,
     DistilBertConfig,
     DistilBertModel,
+    ModernBertConfig,
+    ModernBertModel,
     MPNetConfig,
     MPNetModel,
     RobertaConfig,
@@ -27,6 +29,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
+import tokenfuse
 from tokenfuse.adapters.hf_text import TextPatch
 from tokenfuse.assets import text as data
 
@@ -92,7 +95,49 @@ def tiny_distilbert(attn: str = "sdpa") -> DistilBertModel:
     return DistilBertModel(config).eval()
 
 
-MODELS = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert}
+def tiny_modernbert(attn: str = "sdpa", **options) -> ModernBertModel:
+    """Global attention in layers 0 and 2, a window of 4 positions either side in layers 1 and 3:
+    narrower than the test sentences, so that the window matters. Special ids are the MiniLM
+    tokenizer's (ModernBERT's positions do not depend on them)."""
+    torch.manual_seed(0)
+    config = ModernBertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        global_attn_every_n_layers=2,
+        local_attention=8,
+        pad_token_id=0,
+        cls_token_id=101,
+        sep_token_id=102,
+        bos_token_id=101,
+        eos_token_id=102,
+        attn_implementation=attn,
+        **options,
+    )
+    return ModernBertModel(config).eval()
+
+
+def apply_or_skip(model, method, **options):
+    """tokenfuse.apply, the test skipped where the adapter refuses the method on this model for a
+    reason tested on its own (methods that read attention, on ModernBERT's local layers:
+    test_modernbert)."""
+    try:
+        return tokenfuse.apply(model, method, **options)
+    except ValueError as e:
+        if "local layers attend within" not in str(e):
+            raise
+        pytest.skip(f"refused by design: {e}")
+
+
+MODELS = {
+    "bert": tiny_bert,
+    "roberta": tiny_roberta,
+    "distilbert": tiny_distilbert,
+    "modernbert": tiny_modernbert,
+}
 
 # Tiny vision transformers: 32x32 images in 4x4 patches, 64 patches plus [CLS] (and friends).
 VIT = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=4)

@@ -13,6 +13,7 @@ import transformers
 from conftest import ATTN, MODELS, VISION, images, tiny_bert, tiny_dinov2, tiny_timm, vision_outputs
 
 import tokenfuse
+from tokenfuse.adapters.local_attention import window_bias
 from tokenfuse.core import Reduction, attention_bias, pool_mean
 from tokenfuse.methods import Method
 
@@ -332,7 +333,11 @@ def test_reduced_attention_receives_the_engines_mask(family, tokenizer, texts, m
 
     def spy(q, k, v, attn_mask=None, **kw):
         tokens = tokenfuse.patch_of(model).tokens
-        calls.append((attn_mask, attention_bias(tokens, q.dtype, True)))
+        bias = attention_bias(tokens, q.dtype, True)
+        if attn_mask is not None and attn_mask.shape[-2] > 1 and tokens.origin is not None:
+            # a local layer (ModernBERT): the same bias, within its window (test_modernbert)
+            bias = window_bias(bias, tokens.origin, model.config.sliding_window)
+        calls.append((attn_mask, bias))
         return sdpa(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)

@@ -9,7 +9,10 @@ its own. That is right for an encoder read through [CLS] or a size-weighted pool
     token's index is no longer a distance to anything;
   - timm pooling that cannot be given the sizes, and, for methods that read attention, timm attention
     layers other than `Attention` (whose q_norm / k_norm outputs the vision adapter reads in place
-    of the projection's, so qk_norm models are supported).
+    of the projection's, so qk_norm models are supported);
+  - methods that read attention probabilities, on encoders with sliding-window layers (ModernBERT):
+    they would compute them over every token, where the layer attends within its window;
+  - classifiers that pool with the input's attention mask (ModernBERT's classifier_pooling='mean').
 Each refusal names what is wrong and what to do instead; nothing is patched.
 """
 
@@ -30,11 +33,13 @@ TIMM_POOLS = ("", "token", "avg", "avgmax", "max", "map")
 
 
 def check_text(model: nn.Module) -> None:
-    """Hugging Face text encoders: a per-token head, a decoder or relative positions is refused.
+    """Hugging Face text encoders: a per-token head, a mean-pooling classifier, a decoder or
+    relative positions is refused.
     (transformers 5 no longer implements BERT's relative positions and ignores the setting; a
     checkpoint configured with them was trained with them, so it is refused all the same.)"""
     config = model.config
     _check_head(model, TEXT_HEADS, "a sequence classifier (e.g. BertForSequenceClassification)")
+    check_pooling(model)
     decoder = {k: getattr(config, k, False) for k in ("is_decoder", "add_cross_attention")}
     if any(decoder.values()):
         raise ValueError(
@@ -49,6 +54,38 @@ def check_text(model: nn.Module) -> None:
             f"this model scores attention by relative positions (position_embedding_type={kind!r}): "
             "merged tokens have no position, so those distances lose their meaning; tokenfuse supports "
             "position_embedding_type='absolute' only (positions are added once, at the embeddings)"
+        )
+
+
+def check_local_attention(config, method: Method, windows: list[int | None]) -> None:
+    """Encoders with sliding-window layers (`windows`: per layer, its reach or None): tokenfuse
+    reads the padding from the first layer's mask, which must be global, and computes a method's
+    attention without windows, so methods that read attention probabilities are refused."""
+    if windows[0] is not None:
+        raise ValueError(
+            f"this {config.model_type} model's first layer attends within a window (layer_types[0]="
+            f"{config.layer_types[0]!r}), and tokenfuse reads the padding from the first layer's mask, "
+            "which must be global attention's: load it with layer_types starting with 'full_attention'"
+        )
+    reads = sorted(method.needs & {"cls_attention", "attention"})
+    if reads and any(w is not None for w in windows):
+        raise ValueError(
+            f"{method.name} scores tokens by the layers' attention ({', '.join(reads)}), which tokenfuse "
+            f"computes over all tokens, and this {config.model_type} model's local layers attend within "
+            f"{config.sliding_window} positions either side, so the scores would not be the layer's; "
+            "choose a method that reads keys or hidden states (tome, pitome, see `tokenfuse methods`)"
+        )
+
+
+def check_pooling(model: nn.Module) -> None:
+    """A classifier that averages the last hidden states with the input's attention mask (one entry
+    per input token) would misread reduced tokens: refused."""
+    if model.base_model is not model and getattr(model.config, "classifier_pooling", "cls") == "mean":
+        raise ValueError(
+            f"{type(model).__name__} with classifier_pooling='mean' averages its last hidden states with "
+            "the input's attention mask, one entry per input token, and after reduction there are fewer "
+            "tokens, each standing for several: load it with classifier_pooling='cls', or apply tokenfuse "
+            f"to model.{model.base_model_prefix} and pool with tokenfuse.embed(pooling='mean')"
         )
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face text encoders (BERT family, MPNet).
+"""Hugging Face text encoders (BERT family, MPNet, ModernBERT).
 
 The adapter adds hooks and never replaces a forward: the host model's own attention, norms,
 residuals and dropout run unchanged, so a new transformers release cannot silently lose a piece of
@@ -8,10 +8,12 @@ the computation. The hooks:
   - before the first layer: read the padding mask from the attention mask the host hands it (the
     host builds it after the embeddings), protect the first and last real token ([CLS], [SEP],
     wherever padding sits), and reduce at point 0 (the embeddings' output);
-  - after each layer's attention block: let the method decide, and apply its reduction;
+  - after each layer's attention block: let the method decide, and apply its reduction (after the
+    whole layer where the attention's residual is added inside the layer's forward: ModernBERT);
   - before each layer: once tokens were reduced, hand the layer the engine's attention mask
-    (padding, plus log size for proportional attention), and for MPNet the position bias of the
-    tokens' original positions (`TextPatch.position_bias`);
+    (padding, plus log size for proportional attention), and at the tokens' original positions
+    MPNet's position bias (`TextPatch.position_bias`), ModernBERT's rotary angles and local
+    windows (`local_attention`);
   - on the query, key and value projections, only for methods that read attention;
   - after the last layer: close the pass.
 """
@@ -39,6 +41,7 @@ from .base import (
     with_argument,
     with_mask,
 )
+from .local_attention import local_windows, rotary_at, rotate, window_bias
 
 #: the default floor of a text encoder's reductions (`Method.min_tokens`): below it, reducing costs
 #: more than it saves on MiniLM at keep 0.5 on 2 CPU cores (scripts/length_floor.py), and short texts
@@ -52,7 +55,11 @@ class Family:
     are reduced (its output is what the MLP consumes) and the query, key, value projections.
     position_bias: the layers' argument that carries a relative position bias shared by every
     layer (MPNet), computed by the host for the unreduced input; None where positions are added
-    once, at the embeddings."""
+    once, at the embeddings. rotary: the layers' argument that carries the rotary (cos, sin) of the
+    unreduced input's positions (ModernBERT), whose layers of `config.layer_types`
+    'sliding_attention' attend within `config.sliding_window` positions either side.
+    merge_after "": the layer adds the attention's residual inside its own forward, out of a hook's
+    reach, so tokens are reduced after the whole layer (see `TextPatch`)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -62,6 +69,7 @@ class Family:
     qkv: tuple[str, str, str]
     has_cls: bool = True  # position 0 is a [CLS]-like summary token
     position_bias: str | None = None
+    rotary: str | None = None
 
 
 FAMILIES = (
@@ -89,6 +97,15 @@ FAMILIES = (
         merge_after="attention",
         qkv=("attention.attn.q", "attention.attn.k", "attention.attn.v"),
         position_bias="position_bias",
+    ),
+    Family(
+        "modernbert",
+        ("modernbert",),
+        embeddings="embeddings",
+        layers="layers",
+        merge_after="",
+        qkv=("attn.Wqkv",),
+        rotary="position_embeddings",
     ),
 )
 
@@ -186,11 +203,15 @@ class TextForward(Forward):
     """named: (B, N) tokens protected by id, found at the embeddings, before the padding is known.
     host_bias: (B|1, H, N, N) the position bias the host hands its layers (MPNet), kept from the
     first layer until the pass ends. bias: (origin, the bias between the tokens at that origin), the
-    bias of the current tokens, gathered once per reduction."""
+    bias of the current tokens, gathered once per reduction. window: (origin, the engine's mask with
+    the local window between the tokens at that origin), built once per reduction, and angles: the
+    rotary (cos, sin) the current layer rotates by (ModernBERT)."""
 
     named: Tensor | None = None
     host_bias: Tensor | None = None
     bias: tuple[Tensor, Tensor] | None = None
+    window: tuple[Tensor, Tensor] | None = None
+    angles: tuple[Tensor, Tensor] | None = None
 
 
 class TextPatch(Patch):
@@ -208,7 +229,17 @@ class TextPatch(Patch):
     merge of similar, far-apart tokens at a position none of them held, and would need the
     (B, N, N0) source tracked. The bias is gathered, not recomputed, so the host's bucketing is not
     redone here and cannot drift (its own `compute_position_bias(position_ids=...)` fails on
-    transformers 5.24 for any shape of position ids)."""
+    transformers 5.24 for any shape of position ids).
+
+    ModernBERT rotates queries and keys by position and attends within a window in its local
+    layers: its rotary angles and windows follow the original positions alike (`local_attention`).
+    Its layers add the attention's residual inside their forward, so tokens are reduced at a layer's
+    output (point l + 1 after all of layer l, whose MLP then runs on what point l left, as the
+    trace records), and point L, after the last layer, which would save no work, is not run. The
+    queries and keys methods read are rotated as the layer's attention rotates them: without it,
+    ToMe's keys would carry no position at all and repeated words would tie exactly. Methods that
+    read attention probabilities are refused (`checks.check_local_attention`): tokenfuse computes
+    them over all tokens, and a local layer attends within its window."""
 
     state_type = TextForward
     default_min_tokens = MIN_TOKENS
@@ -234,17 +265,26 @@ class TextPatch(Patch):
         self.fixed_protected = 2  # the first and last real token
         embeddings = base.get_submodule(family.embeddings)
         self._ids_at = parameter_index(embeddings, "input_ids")
-        self.tracks_origin = family.position_bias is not None
-        if self.tracks_origin:
+        self.tracks_origin = family.position_bias is not None or family.rotary is not None
+        if family.position_bias is not None:
             self._bias_at = parameter_index(layers[0], family.position_bias)
+        self.windows = [None] * len(layers)
+        if family.rotary is not None:
+            self._rotary_at = parameter_index(layers[0], family.rotary)
+            self.windows = local_windows(model.config, len(layers))
+            checks.check_local_attention(model.config, method, self.windows)
 
         self.before(embeddings, self._start, kwargs=True)
+        whole = not family.merge_after  # reduced at the layer's output: not after the last one
         for i, layer in enumerate(layers):
             self.before(layer, partial(self._enter, i), kwargs=True)
-            self.after(layer.get_submodule(family.merge_after), partial(self._reduce, i + 1))
+            if not (whole and i == len(layers) - 1):
+                self.after(layer.get_submodule(family.merge_after), partial(self._reduce, i + 1))
             if self.wants_attention:
-                for name, path in zip("qkv", family.qkv, strict=True):
-                    self.after(layer.get_submodule(path), partial(self._keep, name), first=False)
+                names = ("qkv",) if len(family.qkv) == 1 else "qkv"  # one fused projection, or three
+                for name, path in zip(names, family.qkv, strict=True):
+                    keep = self._keep_rotated if family.rotary else partial(self._keep, name)
+                    self.after(layer.get_submodule(path), keep, first=False)
         self.after(layers[-1], self.close, first=False)
 
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -264,7 +304,7 @@ class TextPatch(Patch):
             return None
         x = args[0]
         if index == 0:
-            if self.tracks_origin:
+            if self.family.position_bias is not None:
                 fwd.host_bias = host_position_bias(
                     argument(args, kwargs, self.family.position_bias, self._bias_at), x
                 )
@@ -275,8 +315,12 @@ class TextPatch(Patch):
             if reduced is not None:
                 args = (reduced, *args[1:])
         bias = self.enter(fwd, x.dtype)
+        if self.family.rotary is not None:
+            args, kwargs = self.rotary(fwd, args, kwargs, gather=bias is not None)
         if bias is None:
             return None
+        if self.windows[index] is not None:
+            bias = self.local_mask(fwd, bias, self.windows[index])
         args, kwargs = with_mask(args, kwargs, "attention_mask", bias)
         if fwd.host_bias is None:
             return args, kwargs
@@ -290,11 +334,39 @@ class TextPatch(Patch):
             fwd.bias = (origin, pairs_at(fwd.host_bias, origin))
         return fwd.bias[1]
 
+    def rotary(self, fwd: TextForward, args: tuple, kwargs: dict, gather: bool) -> tuple[tuple, dict]:
+        """A layer's call with the host's rotary (cos, sin) gathered at the original positions of the
+        current tokens once they were reduced (`local_attention`); the angles the layer rotates by
+        are kept for the queries and keys methods read (`_keep_rotated`)."""
+        angles = argument(args, kwargs, self.family.rotary, self._rotary_at)
+        if gather:
+            angles = rotary_at(angles, fwd.tokens.origin, fwd.width)
+            args, kwargs = with_argument(args, kwargs, self.family.rotary, self._rotary_at, angles)
+        fwd.angles = angles
+        return args, kwargs
+
+    def _keep_rotated(self, module: nn.Module, args: tuple, out: Tensor) -> None:
+        """Forward hook on a fused q, k, v projection (`_keep`): the queries and keys rotated by the
+        layer's angles, as its attention scores them."""
+        self._keep("qkv", module, args, out)
+        fwd = self.current()
+        if fwd is not None and fwd.angles is not None:
+            for name in "qk":
+                fwd.qkv[name] = rotate(fwd.qkv[name], *fwd.angles)
+
+    def local_mask(self, fwd: TextForward, bias: Tensor, reach: int) -> Tensor:
+        """(B, 1, N, N) the engine's mask (B, 1, 1, N) for a local layer: keys within `reach`
+        original positions of the query (`local_attention`), built once per reduction."""
+        origin = fwd.tokens.origin
+        if fwd.window is None or fwd.window[0] is not origin:
+            fwd.window = (origin, window_bias(bias, origin, reach))
+        return fwd.window[1]
+
     def close(self, module: nn.Module, args: tuple, out) -> None:
         """The pass ends: its position biases (as large as an attention map) are let go too."""
         fwd = self.current()
         if fwd is not None:
-            fwd.host_bias = fwd.bias = None
+            fwd.host_bias = fwd.bias = fwd.window = fwd.angles = None
         super().close(module, args, out)
 
     def _reduce(self, point: int, module: nn.Module, args: tuple, out):
@@ -302,4 +374,8 @@ class TextPatch(Patch):
         if fwd is None:
             return None
         x = self.reduce_at(fwd, point, first(out))
-        return None if x is None else replace_first(out, x)
+        if x is None:
+            return None
+        if not self.family.merge_after:  # the layer's MLP ran on the tokens that entered it
+            fwd.trace[-1] = (fwd.trace[-1][0], fwd.trace[-1][0])
+        return replace_first(out, x)
