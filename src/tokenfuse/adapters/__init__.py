@@ -18,7 +18,7 @@ from torch import nn
 
 from ..methods import Method, VisualMethod
 from . import hf_text, vision, vlm
-from .base import Patch
+from .engine import Patch
 from .protocol import Installed
 from .sentence_transformers import SentencePatch, encoder_of
 from .vlm import VlmPatch, families

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from . import hf_text
-from .base import Hooks, Patch, argument
+from .engine import Patch
+from .hooks import Hooks, argument
 from .protocol import no_kept
 
 #: Pooling modes that read token positions, which merged tokens no longer have

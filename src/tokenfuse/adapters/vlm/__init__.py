@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ...methods import Method, VisualMethod
-from ..base import Hooks, check_attention, left_padded
+from ..engine import check_attention, left_padded
+from ..hooks import Hooks
 from .boundary import Boundary
 from .decode import Decode, Record
 from .families import Family, family_of

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ...core import Tokens, reduce
 from ...methods import VisualInput, VisualMethod
-from ..base import ahead, left_padded
+from ..engine import ahead, left_padded
 from .state import Pass, carried, question, rows
 from .tower import TowerRun
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ...core import Tokens, reduce
 from ...core.tokens import take_along
 from ...methods import VisualInput, VisualMethod
-from ..base import ahead, pairs_at
+from ..engine import ahead, pairs_at
 from .decode import Stage, host_format
 from .state import Pass, rows
 

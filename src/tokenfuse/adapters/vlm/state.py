@@ -2,7 +2,7 @@
 
 A pass is one call of the inner model (a prompt, or a decoding step). Everything it knows lives in
 one `Pass`, which the inner model's pre-hook opens in this thread's slot and its hook closes
-(`adapters.base.Hooks`); the stages read and write that object only.
+(`adapters.hooks.Hooks`); the stages read and write that object only.
 
 Two things must outlive the pass that made them, so they travel on the host object that outlives it,
 always under the one attribute `CARRIED`:
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...core import Tokens
-from ..base import ahead
+from ..engine import ahead
 
 CARRIED = "_tokenfuse"
 T = TypeVar("T")

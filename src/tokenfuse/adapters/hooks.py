@@ -1,0 +1,148 @@
+"""Hook plumbing every adapter shares: installing forward hooks that are clocked and held (so that
+`remove()` takes every one away), the per-thread slots of a model's passes, pickling and deep copies,
+and helpers that read or replace a hooked call's arguments and outputs.
+
+State is kept per pass. The hook that starts a pass opens a fresh state object (`state_type`) and
+puts it in a per-thread slot; every later hook of the pass reads it from there, and the pass's last
+hook closes it. Two threads calling one patched model at once therefore never see each other's
+state, and a pass never reads a stale one. Hooks firing outside a pass (a layer called on its own)
+find no open state and leave the layer as it is. The calling thread's last pass stays readable
+(`last`), for the api and the bench. Hooks are bound methods or partials of them, never closures:
+`copy.deepcopy` and pickle carry them over to the copy's own patch, whose per-thread slots start empty.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from functools import partial
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+class Hooks:
+    """Hooks installed on one model, and the per-thread slots of its passes; `remove()` takes every
+    hook away. For the bench, by every forward of every thread: decide_seconds, the time spent in
+    the method's decisions; overhead_seconds, the time spent in the hooks installed by `before` and `after`
+    (decisions included): what tokenfuse adds to the host model's own layers. Neither is kept while
+    torch.compile traces (a timer would split its graph). `state_type` is what a pass keeps (each
+    subclass sets it)."""
+
+    state_type: ClassVar[type]
+
+    def __init__(self) -> None:
+        self.decide_seconds = 0.0
+        self.overhead_seconds = 0.0
+        self._handles: list[RemovableHandle] = []
+        self._new_slots()
+
+    def _new_slots(self) -> None:
+        """Per-thread slots (open and last forward) and the lock on the shared timer: they belong
+        to this object, so a copy or an unpickled patch gets fresh ones."""
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_local"], state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._new_slots()
+
+    def hold(self, *handles: RemovableHandle) -> None:
+        self._handles.extend(handles)
+
+    def before(self, module: nn.Module, hook, kwargs: bool = False, first: bool = True) -> None:
+        """Install `hook` as a forward pre-hook of `module`, clocked and held. first: ahead of the
+        hooks already there (transformers' output capturing reads what tokenfuse changed)."""
+        self.hold(module.register_forward_pre_hook(self._timer(hook), with_kwargs=kwargs, prepend=first))
+
+    def after(self, module: nn.Module, hook, kwargs: bool = False, first: bool = True) -> None:
+        """Install `hook` as a forward hook of `module`, clocked and held (see `before`)."""
+        self.hold(module.register_forward_hook(self._timer(hook), with_kwargs=kwargs, prepend=first))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def open(self):
+        """A pass starts: its own state, open in this thread until its last layer closes it."""
+        fwd = self.state_type()
+        self._local.current = self._local.last = fwd
+        return fwd
+
+    def current(self):
+        """This thread's open pass, or None outside a pass."""
+        return getattr(self._local, "current", None)
+
+    def close(self, module: nn.Module, args: tuple, out) -> None:
+        """Forward hook on the last layer: the pass ends (its captured q, k, v are let go)."""
+        fwd = self.current()
+        if fwd is not None:
+            fwd.qkv = {}
+            self._local.current = None
+
+    @property
+    def last(self):
+        """This thread's last forward (the open one while a pass runs)."""
+        return getattr(self._local, "last", None)
+
+    def timed(self, decide, inp):
+        """decide(inp), its time added to decide_seconds."""
+        if torch.compiler.is_compiling():
+            return decide(inp)
+        start = time.perf_counter()
+        out = decide(inp)
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self.decide_seconds += seconds
+        return out
+
+    def _timer(self, hook) -> partial:
+        """The hook, its time added to overhead_seconds."""
+        return partial(self._clocked, hook)
+
+    def _clocked(self, hook, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return hook(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return hook(*args, **kwargs)
+        finally:
+            seconds = time.perf_counter() - start
+            with self._lock:
+                self.overhead_seconds += seconds
+
+
+def argument(args: tuple, kwargs: dict, name: str, index: int):
+    """A call's argument given by keyword `name` or at position `index`; None if not given."""
+    if name in kwargs or len(args) <= index:
+        return kwargs.get(name)
+    return args[index]
+
+
+def with_mask(args: tuple, kwargs: dict, name: str, mask: Tensor) -> tuple[tuple, dict]:
+    """A layer's call with its attention mask (second argument, or keyword `name`) replaced."""
+    return with_argument(args, kwargs, name, 1, mask)
+
+
+def with_argument(args: tuple, kwargs: dict, name: str, index: int, value) -> tuple[tuple, dict]:
+    """A call with its argument given by keyword `name` or at position `index` replaced by value."""
+    if name in kwargs or len(args) <= index:
+        return args, {**kwargs, name: value}
+    return (*args[:index], value, *args[index + 1 :]), kwargs
+
+
+def first(out):
+    """The hidden states of a module output that may be a tuple."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def replace_first(out, x: Tensor):
+    return (x, *out[1:]) if isinstance(out, tuple) else x
