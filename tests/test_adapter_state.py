@@ -199,9 +199,7 @@ def padded(tokenizer, texts, family, side):
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
-@pytest.mark.parametrize(
-    "method", sorted(n for n, cls in available().items() if "grid" not in cls.needs)  # text models
-)
+@pytest.mark.parametrize("method", sorted(n for n, c in available().items() if "grid" not in c.needs))
 def test_left_padding_reduces_as_right_padding_and_protects_cls_and_sep(family, method, tokenizer, texts):
     model = MODELS[family]()
     right, left = (padded(tokenizer, texts, family, side) for side in ("right", "left"))

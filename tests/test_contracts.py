@@ -45,9 +45,13 @@ def outputs(model, inputs):
     return out.last_hidden_state, out.last_hidden_state if pooled is None else pooled
 
 
+# methods that cluster an image's patch grid (Expedite) run on the vision models only
+TEXT_METHODS = [m for m in METHODS if "grid" not in tokenfuse.available()[m.partition(":")[0]].needs]
+
+
 @pytest.mark.parametrize("family", sorted(TEXT))
 @pytest.mark.parametrize("attn", ATTN)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TEXT_METHODS)
 def test_keep_one_is_bit_identical_and_remove_restores(family, attn, method, tokenizer, texts):
     model = TEXT[family](attn)
     inputs = batch(tokenizer, texts)
@@ -132,7 +136,7 @@ def test_vision_prefix_tokens_protected_sizes_conserved_and_batch_invariant(fami
 
 
 @pytest.mark.parametrize("family", sorted(TEXT))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TEXT_METHODS)
 @pytest.mark.parametrize("keep", [0.7, LOW])
 def test_padding_invariance_in_mixed_length_batches(family, method, keep, tokenizer, texts, request):
     if (family, method) == ("modernbert", "tome:similarity=keys"):
@@ -147,7 +151,7 @@ def test_padding_invariance_in_mixed_length_batches(family, method, keep, tokeni
         assert torch.allclose(alone[0], together[i], atol=1e-5), (method, i)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TEXT_METHODS)
 def test_sizes_are_conserved_and_protected_tokens_kept(method, tokenizer, texts):
     fox = tokenizer.convert_tokens_to_ids("fox")
     model = apply(MODELS["bert"](), method, keep=0.4, protect_ids=[fox])
@@ -169,7 +173,7 @@ def test_sizes_are_conserved_and_protected_tokens_kept(method, tokenizer, texts)
     assert tokens.protected[0].sum() == 3
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TEXT_METHODS)
 @pytest.mark.parametrize("keep", [0.8, 0.5])
 def test_tokens_follow_the_schedule(method, keep, tokenizer, texts):
     model = apply(MODELS["bert"](layers=6), method, keep=keep)

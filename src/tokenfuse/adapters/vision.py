@@ -136,6 +136,7 @@ class VisionPatch(Patch):
     """Token reduction installed on one vision transformer."""
 
     state_type = VisionForward
+    has_grid = True
 
     def __init__(self, model: nn.Module, family: Family, method: Method):
         if family is TIMM:
@@ -152,6 +153,8 @@ class VisionPatch(Patch):
         self.prefix = self.fixed_protected = prefix_tokens(model)
 
         self.after(base.get_submodule(family.embeddings), self._embedded)
+        if "grid" in method.needs:
+            self._watch_grid(base)
         for i, layer in enumerate(layers):
             self.before(layer, self._enter, kwargs=True)
             self.before(layer.get_submodule(family.mlp_in), partial(self._before_mlp, i + 1))
@@ -177,6 +180,21 @@ class VisionPatch(Patch):
         """A q_norm / k_norm output (B, H, N, D), kept as the projection's layout (B, N, H * D)."""
         self._keep(name, module, args, out.transpose(1, 2).flatten(2))
 
+    def _watch_grid(self, base: nn.Module) -> None:
+        """For methods that need the image's patch grid: read it from the output (B, C, h, w) of the
+        tower's patch embedding, its first convolution."""
+        conv = next((m for m in base.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            raise TypeError(
+                f"{self.method.name} needs the image's patch grid, read from the patch embedding's "
+                f"convolution, and this {type(base).__name__} has none: choose a method without a grid"
+            )
+        self.after(conv, self._patch_grid)
+
+    def _patch_grid(self, module: nn.Module, args: tuple, out: Tensor) -> None:
+        """The patch grid (h, w) of this thread's image, for the pass its embeddings open."""
+        self._local.grid = tuple(out.shape[-2:])
+
     def _embedded(self, module: nn.Module, args: tuple, out):
         fwd = self.open()
         x = first(out)
@@ -184,6 +202,8 @@ class VisionPatch(Patch):
         mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
         protected = (torch.arange(N, device=x.device) < self.prefix).expand(B, N)
         self.begin(fwd, mask, protected)
+        grid = getattr(self._local, "grid", None)
+        fwd.grid = grid if grid is not None and grid[0] * grid[1] == N - self.prefix else None
         x = self.reduce_at(fwd, 0, x)
         return None if x is None else replace_first(out, x)
 

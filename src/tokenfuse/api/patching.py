@@ -223,5 +223,7 @@ def kept(model: nn.Module) -> list[Tensor]:
 def to_grid(model: nn.Module, x: Tensor) -> Tensor:
     """Dense outputs: map the last forward's reduced tokens x (B, N, C) back to every input position
     (B, N0, C), so that a dense head (segmentation, saliency) runs unchanged. Apply the method with
-    track_source=True. Pruned positions get the mean of the surviving tokens (engine.unmerge)."""
+    track_source=True. Merged positions get the token they went into, pruned ones the mean of the
+    surviving tokens; a method that brings its own reconstruction (Expedite) rebuilds every position
+    with it (core.unmerge)."""
     return unmerge(x, last_tokens(model))

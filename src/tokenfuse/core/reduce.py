@@ -45,7 +45,28 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction, width: int | None = None) 
         shares = tokens.source[:, :, None, :] * weight[..., None].to(tokens.source.dtype)
         source = sum_into(shares).view(B, new_n, -1)
     origin = None if tokens.origin is None else placed(tokens.origin)
-    return out, Tokens(size=size, protected=placed(tokens.protected), source=source, origin=origin)
+    rebuild = _rebuild(tokens, red, dest, weight, position, slot, new_n)
+    return out, Tokens(
+        size=size, protected=placed(tokens.protected), source=source, origin=origin, rebuild=rebuild
+    )
+
+
+def _rebuild(
+    tokens: Tokens, red: Reduction, dest: Tensor, weight: Tensor, position: Tensor, slot: Tensor, new_n: int
+) -> Tensor | None:
+    """The weights rebuilding each starting position from the result (`Tokens.rebuild`): the
+    reduction's own, its columns moved to the survivors' places; after one that brought them, a
+    reduction without its own rebuilds each token from where its shares went. Composed with the
+    earlier ones; None while no reduction brought any."""
+    if red.rebuild is None and tokens.rebuild is None:
+        return None
+    if red.rebuild is None:
+        at = position.gather(1, dest.clamp_min(0).flatten(1)).view_as(dest)
+        index, values = torch.where(dest >= 0, at, new_n), weight
+    else:
+        index, values = slot[:, None, :].expand(red.rebuild.shape), red.rebuild.float()
+    step = values.new_zeros(*index.shape[:2], new_n + 1).scatter_add_(2, index, values)[..., :new_n]
+    return step if tokens.rebuild is None else tokens.rebuild @ step
 
 
 def _shares(red: Reduction, tokens: Tokens) -> tuple[Tensor, Tensor]:

@@ -36,12 +36,16 @@ class Tokens:
         padding.
         Tracked only for hosts that gather per-position inputs (relative position bias, rotary
         angles, mask rows) for the tokens they now hold.
+    rebuild: (B, N0, N) weights that rebuild each starting position from the current tokens, where
+        a method brings its own way back to the grid (Expedite's reconstruction, `Reduction.rebuild`);
+        `core.unmerge` then uses them instead of the sources. None until such a reduction.
     """
 
     size: Tensor
     protected: Tensor
     source: Tensor | None = None
     origin: Tensor | None = None
+    rebuild: Tensor | None = None
 
     @classmethod
     def start(
@@ -56,11 +60,15 @@ class Tokens:
         """The state of the tokens at positions index (B, M) of each row, in that order: a per-row
         re-layout (padding moved to one side), every per-token field moved alike."""
 
-        def at(t: Tensor | None) -> Tensor | None:
-            return None if t is None else take_along(t, index)
+        def at(t: Tensor | None, dim: int = 1) -> Tensor | None:
+            return None if t is None else take_along(t, index, dim)
 
         return Tokens(
-            size=at(self.size), protected=at(self.protected), source=at(self.source), origin=at(self.origin)
+            size=at(self.size),
+            protected=at(self.protected),
+            source=at(self.source),
+            origin=at(self.origin),
+            rebuild=at(self.rebuild, 2),
         )
 
     @property
@@ -87,6 +95,10 @@ class Reduction:
     order: (B, N) optional sort key that lays the survivors out by increasing key, ties in their
         current order, for methods whose next decision depends on where tokens sit (ToMe's reference
         layout); only the survivors' keys matter. Without it survivors keep their current order.
+    rebuild: (B, N, N) optional weights that rebuild each current token from the current tokens
+        that survive (columns of the others are ignored): a method's own way back to the grid
+        (Expedite's reconstruction), used by `core.unmerge` in place of the shares. A reduction
+        without one that follows it is composed with it through its shares.
     A token survives iff some share is sent to it.
     """
 
@@ -94,6 +106,7 @@ class Reduction:
     weight: Tensor
     feature_weight: Tensor | None = None
     order: Tensor | None = None
+    rebuild: Tensor | None = None
 
     @classmethod
     def hard(cls, dest: Tensor, order: Tensor | None = None) -> Reduction:

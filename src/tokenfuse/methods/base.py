@@ -23,6 +23,9 @@ class LayerInput:
     keys and values, present after an attention when the method needs attention inputs (never at
     point 0). The accessors below derive what methods score with, computing only that: the [CLS]
     row of attention costs O(N), the full map O(N^2), as much as the attention itself.
+    grid: (h, w) the image's patch grid while no token was reduced: the last h * w tokens of every
+    row are its patches, row-major, after the protected [CLS] and registers; None for inputs that
+    are no image (text) and once tokens were reduced.
     """
 
     point: int
@@ -35,6 +38,7 @@ class LayerInput:
     v: Tensor | None = None
     prop_attn: bool = True
     has_cls: bool = True
+    grid: tuple[int, int] | None = None
 
     def qkv(self) -> tuple[Tensor, Tensor, Tensor]:
         """The layer's per-head queries, keys and values, or a clear error where there are none."""
@@ -72,8 +76,9 @@ class Method:
 
     name: ClassVar[str]
     paper: ClassVar[str]
-    #: what `decide` reads, shown by `tokenfuse methods`: "hidden" (the states being reduced), or
-    #: attention inputs: "keys", "cls_attention", "attention", "values"
+    #: what `decide` reads, shown by `tokenfuse methods`: "hidden" (the states being reduced),
+    #: attention inputs: "keys", "cls_attention", "attention", "values", or "grid" (the image's patch
+    #: grid, `LayerInput.grid`: vision models only)
     needs: frozenset[str] = frozenset()
     #: True for methods that drop tokens (their sizes no longer add up to the input length)
     prunes: ClassVar[bool] = False
