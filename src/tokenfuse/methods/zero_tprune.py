@@ -24,6 +24,9 @@ I-stage each query's attention is renormalised over the tokens left, as the soft
 paper does not say on what scale the filter's variance band applies; here it is the variance of
 N times the scores (1 = uniform), so on text most heads of the later layers, which pile their
 score on [CLS] and [SEP], fall outside it and all heads count there.
+The paper's code is not released; its weighted PageRank, root-mean-square aggregation and I-stage
+ranking equal the first author's earlier course-project code (Hongjiew/Transformer_pruning), which
+has no S-stage, head filter or per-depth iteration budget (tests/test_authors_token_methods.py).
 Cost: PageRank reads the full (B, H, N, N) attention map once per iteration, O(H N^2) each, on top
 of the O(H N^2 D) of recomputing the map; the scoring is inherently quadratic in N.
 """
