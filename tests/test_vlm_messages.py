@@ -17,8 +17,7 @@ import tokenfuse
 FAMILIES = {
     "Qwen2-VL": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
     "Qwen2.5-VL": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
-    "LLaVA-NeXT": ("LlavaNextConfig", "LlavaNextForConditionalGeneration"),
-    "LLaVA-OneVision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
+    "LLaVA-NeXT-Video": ("LlavaNextVideoConfig", "LlavaNextVideoForConditionalGeneration"),
     "Idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration"),
     "Gemma 3": ("Gemma3Config", "Gemma3ForConditionalGeneration"),
     "PaliGemma": ("PaliGemmaConfig", "PaliGemmaForConditionalGeneration"),

@@ -20,8 +20,8 @@ from .boundary import Boundary
 from .decode import Decode, Record
 from .families import Family, family_of
 from .llm import InLLM, host_module
-from .state import Layout, Pass, carried, carry, question
-from .tower import Tower
+from .state import Layout, Pass, carried, carry, image_index, question
+from .tower import Tower, TowerRun
 
 _ARGS = ("input_ids", "pixel_values", "attention_mask", "position_ids", "cache", "inputs_embeds")
 
@@ -73,6 +73,10 @@ class VlmPatch(Hooks):
         super().remove()
         self.tower.remove()
 
+    def reduces(self) -> bool:
+        """Whether anything is reduced: the images, or the sequence inside the LLM."""
+        return self.reduces_images() or any(f < 1 for _, f in self.llm.stages)
+
     def reduces_images(self) -> bool:
         if self.tower.vision is not None:
             return True
@@ -90,9 +94,7 @@ class VlmPatch(Hooks):
     # -- a pass -------------------------------------------------------------------------------
     def _no_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Labels name one target per input position; a reduced prompt has fewer positions."""
-        if kwargs.get("labels") is not None and (
-            self.reduces_images() or any(f < 1 for _, f in self.llm.stages)
-        ):
+        if kwargs.get("labels") is not None and self.reduces():
             raise ValueError(
                 "labels= was given to a reduced vision-language model, whose logits cover the kept positions "
                 "only (fewer than the prompt's), so the labels would not line up with them: compute the "
@@ -107,6 +109,8 @@ class VlmPatch(Hooks):
         record = carried(cache, Record)
         if record is not None:
             return (), self.decode.step(self.open(prompt=False), record, kwargs)
+        if self.family.views is not None and self.reduces():
+            self.family.views.refuse_video(kwargs)
         fwd = self.open()
         ids = kwargs.get("input_ids")
         if ids is None:
@@ -131,9 +135,17 @@ class VlmPatch(Hooks):
         elif images is not None:
             fwd.images = len(kwargs["pixel_values"] if encoded is None else encoded.pooler_output)
             fwd.per_image = int((ids == self.image_token).sum()) // max(fwd.images, 1)
-        visual = (ids == self.image_token) & valid
-        slot = self._slot(fwd, visual)
-        fwd.layout = Layout(valid=valid, visual=visual, question=question(visual, valid), slot=slot)
+            if self.family.views is not None:
+                run = carried(encoded, TowerRun)
+                self.cross.layout(
+                    fwd, kwargs if run is None else run.inputs, fwd.images, ids == self.image_token
+                )
+        placeholder = (ids == self.image_token) & valid
+        slot = self._slot(fwd, placeholder)
+        visual = placeholder  # newlines (AnyRes) are not visual tokens: kept, like text
+        if fwd.newline is not None:
+            visual = placeholder & ~fwd.newline.flatten()[slot.clamp_min(0)]
+        fwd.layout = Layout(valid=valid, visual=visual, question=question(placeholder, valid), slot=slot)
         fwd.visual0 = visual.sum(1)
         fwd.left = left_padded(valid)
         fwd.llm_trace = [(0, valid.sum(1))]
@@ -151,6 +163,9 @@ class VlmPatch(Hooks):
         placeholders in prompt order, each with its kept tokens in order."""
         slot = visual.new_full(visual.shape, -1, dtype=torch.long)
         tokens = fwd.boundary
+        if tokens is None and fwd.lengths is not None:  # images of different lengths
+            image_of, index = image_index(visual, fwd.lengths)
+            return torch.where(visual, image_of * fwd.per_image + index, -1)
         if tokens is None:
             slot[visual] = torch.arange(int(visual.sum()), device=visual.device)
             return slot

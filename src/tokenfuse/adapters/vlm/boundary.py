@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from ...core import Tokens, reduce
 from ...methods import VisualInput, VisualMethod
 from ..engine import ahead, left_padded
-from .state import Pass, carried, question, rows
+from . import anyres
+from .state import Pass, carried, image_index, question, rows
 from .tower import TowerRun
 
 if TYPE_CHECKING:
@@ -41,30 +42,29 @@ class Boundary:
         ids = kwargs["input_ids"]
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is None:
+            inputs = {"image_sizes": kwargs.get("image_sizes")}
+            if family.views is not None:
+                inputs |= {k: kwargs[k] for k in family.views.inputs if kwargs.get(k) is not None}
             encoded = getattr(module, family.encode)(
                 pixel_values=kwargs["pixel_values"],
                 **family.encode_kwargs(patch.config),
-                image_sizes=kwargs.get("image_sizes"),
+                **inputs,
                 return_dict=True,
             )
         run = carried(encoded, TowerRun)
         if run is None or run.selected is None:
             raise RuntimeError("these image features were encoded before tokenfuse.apply: encode them again")
         is_image = ids == patch.image_token
-        n_images = run.selected.shape[0]
-        per_image, extra = divmod(int(is_image.sum()), max(n_images, 1))
-        if extra:
-            raise ValueError(
-                f"{int(is_image.sum())} image tokens for {n_images} images: each needs the same number"
-            )
-        x, tokens = self._reduce(run, module, ids, valid, is_image, per_image)
-        fwd.boundary, fwd.tower_trace = tokens, run.layer_tokens
-        fwd.images, fwd.per_image = n_images, per_image
+        images, lengths = self.layout(fwd, run.inputs, run.selected.shape[0], is_image)
+        x, tokens = self._reduce(run, images, module, ids, valid, is_image, lengths)
         features = module.get_submodule(family.projector)(x)
-        kept = tokens.count
-        flat = is_image.flatten().cumsum(0).view_as(is_image) - 1
-        image_of = (flat // per_image).clamp(0, n_images - 1)
-        keep = valid & (~is_image | (flat % per_image < kept[image_of]))
+        if images is None:
+            pooled = [f[m] for f, m in zip(features, tokens.mask, strict=True)]
+        else:
+            pooled, tokens = anyres.assemble(images, features, tokens, module.image_newline)
+        fwd.boundary, fwd.tower_trace = tokens, run.layer_tokens
+        image_of, index = image_index(is_image, lengths)
+        keep = valid & (~is_image | (index < tokens.count[image_of]))
         left = left_padded(valid)
         length = int(keep.sum(1).max())
         order = ahead(~keep)[:, -length:] if left else ahead(keep)[:, :length]
@@ -72,7 +72,7 @@ class Boundary:
         pad = patch.config.text_config.pad_token_id
         new_ids = torch.where(new_valid, ids.gather(1, order), 0 if pad is None else pad)
         reduced = copy.copy(encoded)
-        reduced.pooler_output = [f[m] for f, m in zip(features, tokens.mask, strict=True)]
+        reduced.pooler_output = pooled
         out = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "image_sizes")}
         out |= {
             "input_ids": new_ids,
@@ -86,14 +86,42 @@ class Boundary:
         shift = (valid.sum(1) - new_valid.sum(1))[:, None]
         return out, new_valid, shift, new_ids
 
-    def _reduce(self, run: TowerRun, module, ids, valid, is_image, per_image) -> tuple[Tensor, Tokens]:
+    def layout(self, fwd: Pass, inputs: dict, n_images: int, is_image: Tensor) -> tuple[list | None, Tensor]:
+        """The images' layout, left on `fwd` (images, per_image: the most placeholders of an image,
+        lengths, newline): each image's AnyRes layout (None: one view each), and (B_img,) the
+        placeholders each has in the prompt."""
+        views, total = self.patch.family.views, int(is_image.sum())
+        images = None if views is None else views.images(self.patch.inner, inputs)
+        if images is None:
+            per_image, extra = divmod(total, max(n_images, 1))
+            if extra:
+                raise ValueError(f"{total} image tokens for {n_images} images: each needs the same number")
+            lengths = torch.full((n_images,), per_image, device=is_image.device)
+        else:
+            lengths, fwd.newline = anyres.newline_table(images, is_image.device)
+            if int(lengths.sum()) != total:
+                raise ValueError(
+                    f"{total} image tokens for images whose layout (image_sizes) needs {int(lengths.sum())}: "
+                    "give the prompt the processor made for these images"
+                )
+        fwd.images, fwd.lengths = len(lengths), lengths
+        fwd.per_image = int(lengths.max()) if len(lengths) else 0
+        return images, lengths
+
+    def _reduce(self, run: TowerRun, images, module, ids, valid, is_image, lengths) -> tuple[Tensor, Tokens]:
         """(B_img, N', C) the selected features after the boundary operator, and their tokens (with
-        each kept token's index in the tower output, unless the tower merged them)."""
+        each kept token's index in the tower output, or in its image's content sequence for AnyRes
+        images, unless the tower merged them)."""
         x = run.selected
         B, N, _ = x.shape
         none = torch.zeros(B, N, dtype=torch.bool, device=x.device)
         tokens = Tokens.start(~none, none, track_origin=True)
         grid = run.grid if run.grid[0] * run.grid[1] == N else None
+        full = torch.full((B,), run.full, device=x.device)
+        if images is not None:  # one sequence per image: its views' content tokens, in the host's order
+            x, real = anyres.pad(anyres.arrange(images, x))
+            tokens = Tokens.start(real, torch.zeros_like(real), track_origin=True)
+            full, grid = tokens.count, None
         if run.tokens is not None:  # the tower reduced: its sizes, the [CLS] dropped if the strategy drops it
             drop = run.tokens.size.shape[1] - N
             tokens = Tokens(size=run.tokens.size[:, drop:], protected=none)
@@ -101,13 +129,22 @@ class Boundary:
         method = self.method
         if method is None or method.keep >= 1.0:
             return x, tokens
-        keep = torch.minimum(method.counts(torch.full((B,), run.full, device=x.device)), tokens.count)
-        needs = self._needs(run, module, x, ids, valid, is_image, per_image)
+        keep = torch.minimum(method.counts(full), tokens.count)
+        needs = self._needs(run, images, module, x, ids, valid, is_image, lengths)
         inp = VisualInput(x=x, tokens=tokens, visual=tokens.mask, keep=keep, grid=grid, **needs)
         return reduce(x, tokens, self.patch.timed(method.decide, inp))
 
-    def _needs(self, run: TowerRun, module, x, ids, valid, is_image, per_image) -> dict[str, Tensor]:
-        """What the operator scores with, computed only when it names it (see VisualInput)."""
+    def _needs(self, run: TowerRun, images, module, x, ids, valid, is_image, lengths) -> dict[str, Tensor]:
+        """What the operator scores with, computed only when it names it (see VisualInput); the
+        tower's per-view tensors laid out as `x` is (AnyRes images: one sequence each)."""
+
+        def laid(t: Tensor) -> Tensor:
+            if images is None:
+                return t
+            flat = t.dim() == 2
+            out = anyres.pad(anyres.arrange(images, t[..., None] if flat else t))[0]
+            return out[..., 0] if flat else out
+
         needs = self.method.needs
         out: dict[str, Tensor] = {}
         tower = self.patch.tower
@@ -116,18 +153,19 @@ class Boundary:
             layers = (
                 range(tower.feature_layer + 1) if "cls_attention_layers" in needs else [tower.feature_layer]
             )
-            maps = torch.stack([cls_attention(run.qk[i])[:, drop:] for i in layers], 1)
+            maps = torch.stack([laid(cls_attention(run.qk[i])[:, drop:]) for i in layers], 1)
             if "cls_attention_layers" in needs:
                 out["cls_attention_layers"] = maps
             if "cls_attention" in needs:
                 out["cls_attention"] = maps[:, -1]
         if "keys" in needs:
-            out["keys"] = run.qk[tower.feature_layer]["k"].mean(1)[:, drop:]
+            out["keys"] = laid(run.qk[tower.feature_layer]["k"].mean(1)[:, drop:])
         if "projected" in needs:
             out["projected"] = module.get_submodule(self.patch.family.projector)(x)
         if "question" in needs:
             asked = question(is_image & valid, valid)
-            image_rows = is_image.nonzero()[:, 0][::per_image]  # the row of each image, in image order
+            starts = lengths.cumsum(0) - lengths
+            image_rows = is_image.nonzero()[:, 0][starts]  # the row of each image, in image order
             index, qmask = rows(asked)
             embeds = module.get_input_embeddings()(ids.gather(1, index))
             out |= {"question": embeds[image_rows], "question_mask": qmask[image_rows]}
@@ -138,3 +176,29 @@ def cls_attention(qk: dict[str, Tensor]) -> Tensor:
     """(B, N) the [CLS] query's attention over a tower layer's tokens, mean over heads."""
     q, k = qk["q"], qk["k"]
     return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)[:, :, 0].mean(1)
+
+
+def questions(module: nn.Module, ids: Tensor, valid: Tensor, is_image: Tensor, lengths: Tensor) -> dict:
+    """Each image's question (the real text after its row's last image): its input embeddings
+    (B_img, Q, C) and mask (B_img, Q), images filling their `lengths` placeholders in prompt order."""
+    asked = question(is_image & valid, valid)
+    starts = lengths.cumsum(0) - lengths
+    image_rows = is_image.nonzero()[:, 0][starts]  # the row of each image, in image order
+    index, qmask = rows(asked)
+    embeds = module.get_input_embeddings()(ids.gather(1, index))
+    return {"question": embeds[image_rows], "question_mask": qmask[image_rows]}
+
+
+def shorten(kwargs: dict, keep: Tensor, valid: Tensor, pad: int | None) -> tuple[dict, Tensor, Tensor]:
+    """The prompt cut to the positions `keep` (B, L) marks, padding on the caller's side: (its
+    input_ids, and attention mask where one is needed; its real tokens (B, L'); the position (B, L')
+    in the caller's prompt of each of its positions)."""
+    ids = kwargs["input_ids"]
+    length = int(keep.sum(1).max())
+    order = ahead(~keep)[:, -length:] if left_padded(valid) else ahead(keep)[:, :length]
+    new_valid = keep.gather(1, order)
+    out = {"input_ids": torch.where(new_valid, ids.gather(1, order), 0 if pad is None else pad)}
+    mask = kwargs.get("attention_mask")
+    if mask is not None or not bool(new_valid.all()):
+        out["attention_mask"] = new_valid.to(torch.long if mask is None else mask.dtype)
+    return out, new_valid, order

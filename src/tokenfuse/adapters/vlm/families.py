@@ -1,7 +1,8 @@
 """Vision-language model families: where each keeps the parts the stages hook, as data.
 
 A family is described from its inner model (the module holding the tower, the projector and the LLM,
-whose forward the host's generate() calls; transformers' `LlavaModel` for LLaVA-1.5), so that a new
+whose forward the host's generate() calls; transformers' `LlavaModel` for LLaVA-1.5, `LlavaNextModel`
+and `LlavaOnevisionModel` for the AnyRes families, see `anyres`), so that a new
 family is an entry here plus the little that really differs (how its encoding seam is called, which
 tower tokens its selection drops, how its positions are laid out). The stages (tower, boundary, llm,
 decode) read these fields and nothing family-specific.
@@ -12,11 +13,14 @@ that they are told as such (and not as an unknown text model, or an unknown meth
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import nn
+
+from .anyres import NEXT, ONEVISION, AnyRes
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class Family:
     dropped: (config) -> leading tower tokens the selection drops ([CLS] under LLaVA's "default").
     positions: "1d": one position id per token, kept tokens keep theirs (RoPE); the 3-D multimodal
     positions of Qwen-VL families would be another value, with their own rebuild.
+    views: the layout of an image made of several tower views (`anyres.AnyRes`: a base view and
+    crops); None: one view per image, its tower tokens in order.
     """
 
     name: str
@@ -45,6 +51,7 @@ class Family:
     feature_layer: Callable[[Any], Any]
     dropped: Callable[[Any], int]
     positions: Literal["1d"] = "1d"
+    views: AnyRes | None = None
 
 
 def _llava_encode_kwargs(config) -> dict[str, Any]:
@@ -76,7 +83,11 @@ LLAVA = Family(
     feature_layer=_llava_feature_layer,
     dropped=_llava_dropped,
 )
-FAMILIES = (LLAVA,)
+LLAVA_NEXT = dataclasses.replace(LLAVA, name="llava-next", inner=("LlavaNextModel",), views=NEXT)
+LLAVA_ONEVISION = dataclasses.replace(
+    LLAVA, name="llava-onevision", inner=("LlavaOnevisionModel",), views=ONEVISION
+)
+FAMILIES = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION)
 
 #: model_type of vision-language models tokenfuse recognises but does not reduce (yet): their name
 UNSUPPORTED = {
@@ -84,9 +95,7 @@ UNSUPPORTED = {
     "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL",
     "qwen3_vl_moe": "Qwen3-VL-MoE",
-    "llava_next": "LLaVA-NeXT",
     "llava_next_video": "LLaVA-NeXT-Video",
-    "llava_onevision": "LLaVA-OneVision",
     "idefics2": "Idefics2",
     "idefics3": "Idefics3",
     "smolvlm": "SmolVLM",

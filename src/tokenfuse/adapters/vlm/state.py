@@ -71,13 +71,16 @@ class Pass:
 
     layout: the LLM's current layout (None on a decoding step or before the prompt is known).
     left: whether rows are left-padded. visual0: (B,) visual tokens entering the LLM.
-    images, per_image: images in the prompt and placeholders each had in the caller's prompt.
+    images, per_image: images in the prompt and the most placeholders one had in the caller's prompt
+    (each image's slots start at image x per_image, see `Layout.slot`).
     boundary: the images' tokens after the boundary (B_img rows). tower_trace: (tower layers, B_img)
     tokens entering each tower layer, when the images were encoded by this patch.
     llm_trace: (first LLM layer, tokens per row) for each layout. scoring: the input of the
     attention that scores the next in-LLM stage. stage: the next in-LLM stage; stages: those done.
     record: the decoding record (a reduced prefill's, or the one a decoding step follows).
     step_mask: a decoding step's (stage, attention mask) for layers after that stage.
+    lengths: (images,) placeholders each image had in the caller's prompt, where known; newline:
+    (images, per_image) which of them are newline tokens (AnyRes images; None: none).
     """
 
     layout: Layout | None = None
@@ -93,6 +96,8 @@ class Pass:
     stages: list = field(default_factory=list)
     record: object | None = None
     step_mask: tuple | None = None
+    lengths: Tensor | None = None
+    newline: Tensor | None = None
 
     def kept(self) -> list[Tensor]:
         """Per image, in prompt order: the indices (sorted) of its visual tokens that the LLM's last
@@ -115,6 +120,15 @@ def rows(chosen: Tensor) -> tuple[Tensor, Tensor]:
     width = max(int(chosen.sum(1).max()), 1)
     index = ahead(chosen)[:, :width]
     return index, chosen.gather(1, index)
+
+
+def image_index(placeholder: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, L) each placeholder's image and its index among that image's placeholders, images filling
+    their `lengths` (images,) placeholders in prompt order (meaningless elsewhere)."""
+    flat = placeholder.flatten().cumsum(0).view_as(placeholder) - 1
+    ends = lengths.cumsum(0)
+    image_of = torch.searchsorted(ends, flat, right=True).clamp(0, max(len(lengths) - 1, 0))
+    return image_of, flat - (ends - lengths)[image_of]
 
 
 def question(visual: Tensor, valid: Tensor) -> Tensor:

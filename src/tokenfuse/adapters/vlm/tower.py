@@ -9,6 +9,7 @@ pre-hook, and travels on the features object the encoding seam returns (`state.c
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from ...core import Tokens
 from ...methods import Method, VisualMethod
 from .. import vision
 from . import families
-from .state import carry
+from .state import carried, carry
 
 if TYPE_CHECKING:
     from . import VlmPatch
@@ -37,11 +38,13 @@ class TowerRun:
     full: patches per image of the caller's pixels (the budget's base). grid: (h, w) of the pixels the
     tower saw. qk: captured [CLS] queries and keys per tower layer (B, H, *, D). selected: (B, N, C)
     the projector's input. tokens: the vision adapter's final tokens when the tower reduces.
-    layer_tokens: (layers, B) tokens entering each tower layer."""
+    layer_tokens: (layers, B) tokens entering each tower layer. inputs: the encoding seam's arguments
+    that fix a multi-view family's layout (`Family.views`), recorded by `Seam`."""
 
     full: int
     grid: tuple[int, int]
     layer_tokens: Tensor | None = None
+    inputs: dict = field(default_factory=dict)
     qk: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     selected: Tensor | None = None
     tokens: Tokens | None = None
@@ -64,6 +67,8 @@ class Tower:
         self.layers = len(self.attention)
         self.selected = feature_layer
         self.feature_layer = feature_layer % (self.layers + 1) - 1  # hidden_states[0]: the embeddings
+        if family.views is not None:
+            family.views.check(boundary, method)
         if boundary is not None:
             self._check_cls(boundary)
             boundary.check(self.feature_layer + 1)
@@ -107,6 +112,8 @@ class Tower:
 
     def install(self, needs: frozenset[str]) -> None:
         patch = self.patch
+        if patch.family.views is not None:  # generate() encodes with arguments the prefill never sees
+            setattr(patch.inner, patch.family.encode, Seam(patch.inner, patch.family))
         patch.before(self.module, self._begin, kwargs=True)
         patch.after(self.module, self._end)
         patch.before(patch.inner.get_submodule(patch.family.projector), self._selected)
@@ -120,7 +127,7 @@ class Tower:
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict):
         """Tower pre-hook: a tower run opens; the `resize` baseline changes the pixels here."""
         patch = self.patch
-        if not patch.reduces_images():
+        if not patch.reduces_images() and patch.family.views is None:
             return None
         pixels = args[0] if args else kwargs["pixel_values"]
         size = self.patch_size
@@ -165,3 +172,26 @@ class Tower:
     def remove(self) -> None:
         if self.vision is not None:
             self.vision.remove()
+        self.patch.inner.__dict__.pop(self.patch.family.encode, None)
+
+
+class Seam:
+    """The host's encoding seam (`Family.encode`), set on the inner model: the host's own method,
+    whose tower run also records the arguments that fix the images' layout (`Family.views.inputs`)."""
+
+    def __init__(self, inner: nn.Module, family: families.Family):
+        self.inner, self.family = inner, family
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The host method's: generate() passes it the model inputs its signature names."""
+        return inspect.signature(getattr(type(self.inner), self.family.encode).__get__(self.inner))
+
+    def __call__(self, *args, **kwargs):
+        out = getattr(type(self.inner), self.family.encode)(self.inner, *args, **kwargs)
+        run = carried(out, TowerRun)
+        if run is not None:
+            run.inputs = {k: kwargs.get(k) for k in self.family.views.inputs}
+            if len(args) > 1:  # (pixel_values, image_sizes) given by position
+                run.inputs["image_sizes"] = args[1]
+        return out
