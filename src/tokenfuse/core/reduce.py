@@ -14,7 +14,7 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction, width: int | None = None) 
     Survivors are compacted to the front, in their current order or by `red.order`; padding
     follows, up to the longest survivor count, or to `width` where the caller knows a bound (static
     mode: nothing is read back from the tensors, a bound too small fails). A survivor's feature is
-    the size-weighted (times feature_weight) average of the shares sent to it.
+    the size-weighted (times feature_weight) average of the shares sent to it, times `red.gain`.
     """
     B, N, C = x.shape
     dest, weight = _shares(red, tokens)
@@ -40,6 +40,8 @@ def reduce(x: Tensor, tokens: Tokens, red: Reduction, width: int | None = None) 
         """A per-token state (B, N) at its token's place in the result (B, new_n), 0 at padding."""
         return t.new_zeros(B, new_n + 1).scatter_(1, slot, t)[:, :new_n]
 
+    if red.gain is not None:
+        out = out * placed(red.gain.to(out.dtype))[..., None]
     source = None
     if tokens.source is not None:
         shares = tokens.source[:, :, None, :] * weight[..., None].to(tokens.source.dtype)

@@ -99,6 +99,8 @@ class Reduction:
         that survive (columns of the others are ignored): a method's own way back to the grid
         (Expedite's reconstruction), used by `core.unmerge` in place of the shares. A reduction
         without one that follows it is composed with it through its shares.
+    gain: (B, N) optional factor on each survivor's averaged features, for a merge that sums rather
+        than averages (VisionZip's reference: a target plus the plain mean of the tokens merged into it).
     A token survives iff some share is sent to it.
     """
 
@@ -107,6 +109,7 @@ class Reduction:
     feature_weight: Tensor | None = None
     order: Tensor | None = None
     rebuild: Tensor | None = None
+    gain: Tensor | None = None
 
     @classmethod
     def hard(cls, dest: Tensor, order: Tensor | None = None) -> Reduction:

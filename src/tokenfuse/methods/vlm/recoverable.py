@@ -19,7 +19,8 @@ does not load. A cluster is the size-weighted average of its members, as the pap
 cluster into a single token"; the reference code instead adds to each centre the [CLS]-attention-
 weighted sum of its 32 nearest tokens (clusters overlapping, the question score added to the
 distance) and appends one more token summing the rest, which no survivor's slot can hold; here the
-clusters sit at their centres' positions, the reference's after the kept tokens. [CLS]
+clusters sit at their centres' positions, the reference's after the kept tokens (and it gathers the
+keys with indices counted among the tokens left, not among all patches). [CLS]
 attention is the tower's at the selected layer, mean over heads (the reference: one full-width head
 of the last layer).
 """

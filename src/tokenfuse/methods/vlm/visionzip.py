@@ -10,9 +10,10 @@ dominant + 10 contextual for 64 (108 + 20, 162 + 30).
 Deviations: the reference spends one dominant slot on the [CLS] token itself (53 patches + [CLS] for
 54); at this boundary [CLS] has been dropped (LLaVA-1.5), so every dominant slot goes to a patch. A
 contextual token is the size-weighted average of its target and the tokens merged into it (the
-engine's merge); the reference adds the plain mean of the merged tokens to the target's features
-(target + mean, a sum that no weighted average gives). Tokens stay in patch order;
-order="reference" lays them out as the reference does, dominant tokens first.
+engine's merge, merge="weighted", the default until a quality run compares the two); merge="authors"
+gives the reference's target + the plain mean of the tokens merged into it, a sum no average gives
+(Reduction.gain doubles the equal-weight average of the target and that mean). Tokens stay in patch
+order; order="reference" lays them out as the reference does, dominant tokens first.
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ class VisionZip(VisualMethod):
         keep: float = 0.25,
         contextual: float = 10 / 64,
         order: Literal["original", "reference"] = "original",
+        merge: Literal["weighted", "authors"] = "weighted",
     ) -> None:
         """contextual: the share of each image's kept tokens that are contextual (merged) tokens, rounded
         half up (10/64: the paper's 54 + 10 for 64 kept). order: "original" keeps patch order;
-        "reference" puts the dominant tokens first, then the contextual ones, each in patch order."""
+        "reference" puts the dominant tokens first, then the contextual ones, each in patch order.
+        merge: "weighted" averages a target and its tokens by size; "authors" adds their plain mean to
+        the target, as the reference code."""
         super().__init__(keep)
         if not 0.0 <= contextual <= 1.0:
             raise ValueError(
@@ -52,6 +56,11 @@ class VisionZip(VisualMethod):
             )
         self.contextual = float(contextual)
         self.order = check_order(order)
+        if merge not in ("weighted", "authors"):
+            raise ValueError(
+                f'merge must be "weighted" or "authors" (the reference\'s target + mean), got {merge!r}'
+            )
+        self.merge = merge
 
     def decide(self, inp: VisualInput) -> Reduction:
         contextual = torch.floor(inp.keep.double() * self.contextual + 0.5).long()
@@ -64,10 +73,16 @@ class VisionZip(VisualMethod):
         similarity = (keys @ keys.transpose(1, 2)).masked_fill(~target[:, None, :], -torch.inf)
         into = torch.where(target.any(1, keepdim=True), similarity.argmax(-1), -1)
         red = merge_into(dominant | target, into, inp)
+        if self.merge == "authors":  # (n x target + sum) / 2n, doubled: target + mean of its n tokens
+            merged = (rest & ~target).float()
+            n = torch.zeros_like(merged).scatter_add_(1, into.clamp_min(0), merged)
+            red = dataclasses.replace(
+                red, feature_weight=torch.where(target, n.clamp_min(1), 1.0), gain=1.0 + (target & (n > 0))
+            )
         if self.order == "original":
             return red
         layout = torch.arange(rest.shape[1], device=rest.device) + rest.shape[1] * rest
         return dataclasses.replace(red, order=layout)
 
     def options(self) -> dict:
-        return super().options() | {"contextual": self.contextual, "order": self.order}
+        return super().options() | {"contextual": self.contextual, "order": self.order, "merge": self.merge}
