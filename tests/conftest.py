@@ -11,6 +11,10 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertModel,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
     DeiTConfig,
     DeiTModel,
     Dinov2Config,
@@ -25,6 +29,10 @@ from transformers import (
     MPNetModel,
     RobertaConfig,
     RobertaModel,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -189,6 +197,48 @@ def tiny_dinov2_registers(attn: str = "sdpa") -> Dinov2WithRegistersModel:
     return Dinov2WithRegistersModel(config).eval()
 
 
+def tiny_clip(attn: str = "sdpa") -> CLIPVisionModel:
+    torch.manual_seed(0)
+    return CLIPVisionModel(CLIPVisionConfig(**VIT, intermediate_size=64, attn_implementation=attn)).eval()
+
+
+def tiny_siglip(attn: str = "sdpa") -> SiglipVisionModel:
+    """No [CLS]: every token is a patch; pooled by an attention head."""
+    torch.manual_seed(0)
+    return SiglipVisionModel(SiglipVisionConfig(**VIT, intermediate_size=64, attn_implementation=attn)).eval()
+
+
+# the text half of the tiny dual encoders (never reduced: tokenfuse patches their vision tower)
+TEXT_TOWER = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+
+
+def tiny_clip_dual(attn: str = "sdpa") -> CLIPModel:
+    torch.manual_seed(0)
+    vision = dict(**VIT, intermediate_size=64)
+    config = CLIPConfig(
+        text_config=TEXT_TOWER, vision_config=vision, projection_dim=16, attn_implementation=attn
+    )
+    return CLIPModel(config).eval()
+
+
+def tiny_siglip_dual(attn: str = "sdpa") -> SiglipModel:
+    torch.manual_seed(0)
+    vision = dict(**VIT, intermediate_size=64)
+    return SiglipModel(
+        SiglipConfig(text_config=TEXT_TOWER, vision_config=vision, attn_implementation=attn)
+    ).eval()
+
+
 def tiny_timm(attn: str = "sdpa", **options):
     timm = pytest.importorskip("timm", reason="timm is an optional extra: pip install 'tokenfuse[timm]'")
     torch.manual_seed(0)
@@ -212,6 +262,10 @@ VISION = {
     "hf-dinov2-registers": tiny_dinov2_registers,
     "timm-vit": tiny_timm,
     "timm-dinov2": tiny_timm_dinov2,
+    "hf-clip": tiny_clip,
+    "hf-clip-dual": tiny_clip_dual,
+    "hf-siglip": tiny_siglip,
+    "hf-siglip-dual": tiny_siglip_dual,
 }
 PREFIX = {
     "hf-vit": 1,
@@ -220,6 +274,10 @@ PREFIX = {
     "hf-dinov2-registers": 3,
     "timm-vit": 1,
     "timm-dinov2": 3,
+    "hf-clip": 1,
+    "hf-clip-dual": 1,
+    "hf-siglip": 0,  # no [CLS]
+    "hf-siglip-dual": 0,
 }
 
 
@@ -228,11 +286,15 @@ def images(batch: int = 3) -> torch.Tensor:
 
 
 def vision_outputs(model, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Every output a user reads: hidden states, and the head's output where there is one."""
+    """Every output a user reads: hidden states, and the head's output where there is one (a dual
+    encoder's: its image embedding)."""
     with torch.inference_mode():
         if hasattr(model, "forward_features"):  # timm
             return model.forward_features(pixels), model(pixels)
-        out = model(pixel_values=pixels)
+        if hasattr(model, "get_image_features"):  # CLIPModel, SiglipModel
+            out = model.get_image_features(pixel_values=pixels)
+        else:
+            out = model(pixel_values=pixels)
     return tuple(v for k, v in out.items() if k in ("logits", "last_hidden_state", "pooler_output"))
 
 

@@ -297,6 +297,8 @@ def reduced_outputs(model, family, tokenizer, texts, **options):
     with torch.inference_mode():
         if hasattr(model, "forward_features"):  # timm
             return model.forward_features(images())
+        if hasattr(model, "get_image_features"):  # CLIPModel, SiglipModel
+            return model.get_image_features(pixel_values=images())[0]
         return model(pixel_values=images())[0]
 
 

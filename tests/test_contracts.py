@@ -11,7 +11,7 @@ from conftest import ATTN, MODELS, PREFIX, VISION, apply_or_skip, images, tiny_m
 
 import tokenfuse
 from tokenfuse.core import Reduction
-from tokenfuse.methods import Method
+from tokenfuse.methods import Method, make
 
 # every registered method with its defaults, plus option variants that change what is captured
 METHODS = [*sorted(tokenfuse.available()), "tome:similarity=keys", "transforming:targets=attention"]
@@ -32,6 +32,18 @@ def apply(model, spec, keep, **extra):
 
 def method_class(spec):
     return tokenfuse.available()[spec.partition(":")[0]]
+
+
+def vision_apply(family, model, spec, keep):
+    """apply, on a vision family; one with no [CLS] (SigLIP, PREFIX 0) must refuse a method that
+    scores by [CLS] attention, naming the cause: that is checked, and the rest of the test skipped."""
+    name, _, option = spec.partition(":")
+    needs = make(name, **dict([option.split("=")] if option else [])).needs
+    if PREFIX[family] == 0 and "cls_attention" in needs:
+        with pytest.raises(ValueError, match=r"scores tokens by \[CLS\] attention.*no \[CLS\] token"):
+            apply(model, spec, keep)
+        pytest.skip(f"{spec} scores by [CLS] attention, and {family} has no [CLS]: refused, as checked")
+    return apply(model, spec, keep)
 
 
 def batch(tokenizer, texts):
@@ -76,7 +88,7 @@ def test_vision_keep_one_is_bit_identical_and_remove_restores(family, attn, meth
     model = VISION[family](attn)
     pixels = images()
     before = vision_outputs(model, pixels)
-    apply(model, method, keep=1.0)
+    vision_apply(family, model, method, keep=1.0)
     for a, b in zip(before, vision_outputs(model, pixels), strict=True):
         assert torch.equal(a, b)
     apply(model, method, keep=0.5)
@@ -118,9 +130,9 @@ def test_vision_reduction_path_computes_the_hosts_block(family):
 @pytest.mark.parametrize("family", sorted(VISION))
 @pytest.mark.parametrize("method", METHODS)
 def test_vision_prefix_tokens_protected_sizes_conserved_and_batch_invariant(family, method):
-    model = apply(VISION[family](), method, keep=LOW)
+    model = vision_apply(family, VISION[family](), method, keep=LOW)
     pixels = images()
-    together = vision_outputs(model, pixels)[0]
+    together = vision_outputs(model, pixels)
     tokens = tokenfuse.last_tokens(model)
     n0 = 64 + PREFIX[family]
     if method_class(method).prunes:
@@ -131,8 +143,10 @@ def test_vision_prefix_tokens_protected_sizes_conserved_and_batch_invariant(fami
     assert torch.all(tokens.protected[:, :prefix]) and tokens.protected.sum() == prefix * len(pixels)
     assert torch.all(tokens.size[:, :prefix] == 1)
     for i in range(len(pixels)):
-        alone = vision_outputs(model, pixels[i : i + 1])[0]
-        assert torch.allclose(alone[0, :prefix], together[i, :prefix], atol=1e-5), (method, i)
+        alone = vision_outputs(model, pixels[i : i + 1])
+        assert torch.allclose(alone[0][0, :prefix], together[0][i, :prefix], atol=1e-5), (method, i)
+        if together[-1].dim() == 2:  # the head's output (pooled, logits, image embedding)
+            assert torch.allclose(alone[-1][0], together[-1][i], atol=1e-5), (method, i)
 
 
 @pytest.mark.parametrize("family", sorted(TEXT))

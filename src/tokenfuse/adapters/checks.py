@@ -10,6 +10,7 @@ its own. That is right for an encoder read through [CLS] or a size-weighted pool
   - timm pooling that cannot be given the sizes, and, for methods that read attention, timm attention
     layers other than `Attention` (whose q_norm / k_norm outputs the vision adapter reads in place
     of the projection's, so qk_norm models are supported);
+  - methods that score tokens by [CLS] attention, on models with no [CLS] token (MPNet, SigLIP);
   - methods that read attention probabilities, on encoders with sliding-window layers (ModernBERT):
     they would compute them over every token, where the layer attends within its window;
   - classifiers that pool with the input's attention mask (ModernBERT's classifier_pooling='mean').
@@ -27,7 +28,7 @@ from ..methods import Method
 #: heads that read one summary token ([CLS] pooler, [CLS] / distillation classifiers) or pool tokens
 #: with the sizes (adapters.heads); every other head class on a supported family is refused
 TEXT_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForNextSentencePrediction")
-VISION_HEADS = ("ForImageClassification", "ForImageClassificationWithTeacher")
+VISION_HEADS = ("ForImageClassification", "ForImageClassificationWithTeacher", "VisionModelWithProjection")
 #: timm pooling (`global_pool`) the vision adapter computes correctly on reduced tokens
 TIMM_POOLS = ("", "token", "avg", "avgmax", "max", "map")
 
@@ -54,6 +55,15 @@ def check_text(model: nn.Module) -> None:
             f"this model scores attention by relative positions (position_embedding_type={kind!r}): "
             "merged tokens have no position, so those distances lose their meaning; tokenfuse supports "
             "position_embedding_type='absolute' only (positions are added once, at the embeddings)"
+        )
+
+
+def check_cls(method: Method, has_cls: bool, models: str) -> None:
+    """A method that scores by [CLS] attention needs a [CLS] token; `models` names those without."""
+    if "cls_attention" in method.needs and not has_cls:
+        raise ValueError(
+            f"{method.name} scores tokens by [CLS] attention, and {models} have no [CLS] token; "
+            "choose a method that does not (see `tokenfuse methods`)"
         )
 
 

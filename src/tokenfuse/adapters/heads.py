@@ -1,13 +1,15 @@
 """Vision heads that pool tokens, made to weigh each reduced token by the inputs it stands for.
 
-A head that averages the final tokens (timm `global_pool='avg'` / `'avgmax'`, Hugging Face
-`Dinov2ForImageClassification`'s mean of patch tokens) would count a token merged from ten patches
-once, and a padding slot (per-input budgets) as a token; `'max'` would see padding; timm's attention
-pooling (`'map'`) would attend without sizes or padding. Hooks only:
-  - the final tokens are kept as they leave the last norm;
+A head that averages the final tokens (timm `global_pool='avg'` / `'avgmax'`, the Hugging Face
+DINOv2, CLIP and SigLIP classifiers' mean of patch tokens) would count a token merged from ten
+patches once, and a padding slot (per-input budgets) as a token; `'max'` would see padding;
+attention pooling (timm's `'map'`, SigLIP's `SiglipMultiheadAttentionPoolingHead`, which gives
+SiglipModel its image embedding) would attend without sizes or padding. Hooks only:
+  - the final tokens are kept as they leave the last norm (CLIP: the encoder, which has none);
   - where the head receives the pooled vector, it is recomputed: the size-weighted mean (and the max
     over real tokens) of the same tokens the host pooled, prefix tokens excluded as the host does;
-  - timm's attention pool gets the engine's attention mask (padding, log size when proportional).
+  - an attention pool gets the engine's attention mask (padding, log size when proportional), so a
+    token merged from k identical ones weighs as the k did.
 The host's own pooling of the kept tokens is recomputed first and must be what the head received,
 so tokens from another call are never substituted. While every token stands for itself the host's
 result is left untouched (keep 1.0 is bit-identical).
@@ -19,19 +21,30 @@ import torch
 from torch import Tensor, nn
 
 from ..core import attention_bias, pool_mean
-from .base import Patch, first, with_mask
+from .base import Patch, with_mask
 
-#: Hugging Face classifiers that concatenate [CLS] with the mean of the patch tokens
-HF_MEAN_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
+#: Hugging Face classifiers whose input is the mean of the patch tokens: the tower's module whose
+#: output those tokens are, and whether [CLS] goes ahead of the mean in the classifier's input
+HF_MEAN_HEADS = {
+    "Dinov2ForImageClassification": ("layernorm", True),
+    "Dinov2WithRegistersForImageClassification": ("layernorm", True),
+    "CLIPForImageClassification": ("encoder", False),
+    "SiglipForImageClassification": ("post_layernorm", False),
+}
+#: Hugging Face attention-pooling heads (a learned probe attends to the final tokens), at `tower.head`
+HF_ATTENTION_HEADS = ("SiglipMultiheadAttentionPoolingHead",)
 
 
-def weigh_pooling(patch: Patch, model: nn.Module, timm: bool, prefix: int) -> None:
-    """Install on the patch the hooks that make the model's pooling head read sizes; none where
-    the head reads [CLS]."""
+def weigh_pooling(patch: Patch, model: nn.Module, tower: nn.Module, timm: bool, prefix: int) -> None:
+    """Install on the patch the hooks that make the model's pooling heads read sizes; none where
+    the head reads [CLS]. tower: the module holding the vision blocks (`vision.tower_of`)."""
     if timm:
         _TimmPooling(patch, model).install()
-    elif type(model).__name__ in HF_MEAN_HEADS:
-        _HfMeanPooling(patch, model, prefix).install()
+        return
+    if type(model).__name__ in HF_MEAN_HEADS:
+        _HfMeanPooling(patch, model, tower, prefix).install()
+    if type(getattr(tower, "head", None)).__name__ in HF_ATTENTION_HEADS:
+        _HfAttentionPooling(patch, tower).install()
 
 
 def pool(x: Tensor, size: Tensor | None, kind: str) -> Tensor:
@@ -56,7 +69,7 @@ class _Pooling:
     def keep(self, module: nn.Module, args: tuple, out) -> None:
         fwd = self.patch.last
         if fwd is not None:
-            fwd.final = first(out)
+            fwd.final = out if isinstance(out, Tensor) else out[0]  # a tuple or a ModelOutput
 
     def tokens(self, skip: int) -> tuple[Tensor, Tensor] | None:
         """(tokens (B, N, C), sizes (B, N)) after the first `skip`, or None while nothing was reduced."""
@@ -85,6 +98,15 @@ class _Pooling:
             )
         return pool(x, size, kind)
 
+    def attention_mask(self, skip: int) -> Tensor | None:
+        """(B, 1, 1, N) the engine's mask over the final tokens after the first `skip`, in their
+        dtype, for an attention pool; None while nothing was reduced."""
+        found = self.tokens(skip)
+        if found is None:
+            return None
+        patch = self.patch
+        return attention_bias(patch.tokens, found[0].dtype, patch.method.prop_attn)[..., skip:]
+
 
 class _TimmPooling(_Pooling):
     """timm VisionTransformer: `pool` runs between `norm` and `fc_norm`, and `attn_pool` ('map')."""
@@ -111,25 +133,47 @@ class _TimmPooling(_Pooling):
         return None if pooled is None else (pooled, *args[1:])
 
     def before_attn_pool(self, module: nn.Module, args: tuple, kwargs: dict):
-        if self.tokens(0) is None:
-            return None
-        patch = self.patch
-        bias = attention_bias(patch.tokens, args[0].dtype, patch.method.prop_attn)[..., self.skip() :]
-        return with_mask(args, kwargs, "attn_mask", bias)
+        bias = self.attention_mask(self.skip())
+        return None if bias is None else with_mask(args, kwargs, "attn_mask", bias)
 
 
 class _HfMeanPooling(_Pooling):
-    """The classifier's input is [CLS] (B, C) next to the mean of the patch tokens (B, C)."""
+    """The classifier's input is the mean of the patch tokens (B, C), with [CLS] (B, C) ahead of it
+    where `HF_MEAN_HEADS` says so."""
 
-    def __init__(self, patch: Patch, model: nn.Module, prefix: int):
+    def __init__(self, patch: Patch, model: nn.Module, tower: nn.Module, prefix: int):
         super().__init__(patch)
-        self.model, self.prefix = model, prefix
+        self.model, self.tower, self.prefix = model, tower, prefix
+        self.final, self.with_cls = HF_MEAN_HEADS[type(model).__name__]
 
     def install(self) -> None:
-        self.patch.after(self.model.base_model.layernorm, self.keep)
+        self.patch.after(self.tower.get_submodule(self.final), self.keep)
         self.patch.before(self.model.classifier, self.before_classifier)
 
     def before_classifier(self, module: nn.Module, args: tuple):
-        cls, mean = args[0].chunk(2, dim=-1)
+        cls, mean = args[0].chunk(2, dim=-1) if self.with_cls else (None, args[0])
         pooled = self.repool(mean, self.prefix, "avg")
-        return None if pooled is None else (torch.cat([cls, pooled], dim=-1), *args[1:])
+        if pooled is None:
+            return None
+        return (pooled if cls is None else torch.cat([cls, pooled], dim=-1), *args[1:])
+
+
+class _HfAttentionPooling(_Pooling):
+    """SigLIP's head: `nn.MultiheadAttention(probe, x, x)` over the last norm's output x (B, N, C),
+    given the engine's mask as its float `attn_mask` (B * heads, 1, N)."""
+
+    def __init__(self, patch: Patch, tower: nn.Module):
+        super().__init__(patch)
+        self.tower = tower
+
+    def install(self) -> None:
+        self.patch.after(self.tower.post_layernorm, self.keep)
+        self.patch.before(self.tower.head.attention, self.before_attention, kwargs=True)
+
+    def before_attention(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict):
+        bias = self.attention_mask(0)
+        if bias is None:
+            return None
+        B, N = bias.shape[0], bias.shape[-1]
+        mask = bias.expand(B, module.num_heads, 1, N).reshape(B * module.num_heads, 1, N)
+        return args, {**kwargs, "attn_mask": mask}

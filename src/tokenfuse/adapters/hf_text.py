@@ -247,11 +247,7 @@ class TextPatch(Patch):
     def __init__(self, model: nn.Module, family: Family, method: Method, protect_ids: Sequence[int] = ()):
         check_attention(model)
         checks.check_text(model)
-        if "cls_attention" in method.needs and not family.has_cls:
-            raise ValueError(
-                f"{method.name} scores tokens by [CLS] attention, and {family.name} models have no [CLS] "
-                "token; choose a method that does not (see `tokenfuse methods`)"
-            )
+        checks.check_cls(method, family.has_cls, f"{family.name} models")
         base = model.base_model
         layers = base.get_submodule(family.layers)
         super().__init__(model, method, len(layers), model.config.num_attention_heads, family.has_cls)

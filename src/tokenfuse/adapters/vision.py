@@ -1,5 +1,6 @@
-"""Vision transformers: Hugging Face ViT, DeiT, DINOv2 (with or without registers) and timm's
-`VisionTransformer` (DeiT, ViT, DINOv2-style models with LayerScale and register tokens).
+"""Vision transformers: Hugging Face ViT, DeiT, DINOv2 (with or without registers), the CLIP and
+SigLIP vision towers (alone, or inside `CLIPModel` / `SiglipModel`, whose text half is left alone),
+and timm's `VisionTransformer` (DeiT, ViT, DINOv2-style models with LayerScale and register tokens).
 
 Like the text adapter, hooks only: the host's own norms, attention, LayerScale and MLP run
 unchanged. These blocks are pre-norm, so the residual add sits inside the block's forward, where a
@@ -9,7 +10,11 @@ hook cannot reach it. Tokens are reduced between attention and MLP (as ToMe does
     hand the block zeros of the unreduced shape, so its residual add passes x through unchanged;
   - after the block: return x' + m', what the block computes on the reduced tokens.
 Anything between the branch's last module and the add (dropout, drop path) is the identity in
-eval mode, which reduction requires. The [CLS], distillation and register tokens are protected.
+eval mode, which reduction requires. The [CLS], distillation and register tokens are protected;
+SigLIP has none (every token is a patch), so methods that score by [CLS] attention are refused there.
+CLIP's `pre_layrnorm` runs on the full grid (the pass opens at its output) and its `post_layernorm`
+on the [CLS] token the host pools, as written; SigLIP's attention-pooling head weighs tokens by size
+(`heads`).
 
 Each pass keeps its state apart (see `base`): the embeddings' output opens it, x' and m' are kept
 in it between the MLP's hooks and the block's, and the last block closes it.
@@ -38,6 +43,8 @@ class Family:
     by type, and any other block is refused.
     mlp_in: the norm before the MLP; mlp_out: the last module of the MLP branch.
     qkv: the query, key, value projections, or one fused projection.
+    tower: the attribute holding the vision tower in models that have other parts (dual encoders).
+    has_cls: whether a [CLS] token leads the patches (SigLIP: none, every token is a patch).
     """
 
     name: str
@@ -47,6 +54,8 @@ class Family:
     mlp_out: str
     qkv: tuple[str, ...]
     mask_arg: str = "attention_mask"
+    tower: str | None = None
+    has_cls: bool = True
 
 
 HF_VIT = Family(
@@ -74,7 +83,35 @@ TIMM = Family(
     qkv=("attn.qkv",),
     mask_arg="attn_mask",
 )
-HF_TYPES = {"vit": HF_VIT, "deit": HF_VIT, "dinov2": HF_DINOV2, "dinov2_with_registers": HF_DINOV2}
+HF_CLIP = Family(
+    "hf-clip",
+    embeddings="pre_layrnorm",  # what enters the first layer: the host's pre-norm runs on every patch
+    layer=("CLIPEncoderLayer",),
+    mlp_in="layer_norm2",
+    mlp_out="mlp",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    tower="vision_model",
+)
+HF_SIGLIP = Family(
+    "hf-siglip",
+    embeddings="embeddings",
+    layer=("SiglipEncoderLayer",),
+    mlp_in="layer_norm2",
+    mlp_out="mlp",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    tower="vision_model",
+    has_cls=False,
+)
+HF_TYPES = {
+    "vit": HF_VIT,
+    "deit": HF_VIT,
+    "dinov2": HF_DINOV2,
+    "dinov2_with_registers": HF_DINOV2,
+    "clip_vision_model": HF_CLIP,
+    "clip": HF_CLIP,
+    "siglip_vision_model": HF_SIGLIP,
+    "siglip": HF_SIGLIP,
+}
 
 
 def is_timm_vit(model: nn.Module) -> bool:
@@ -91,10 +128,19 @@ def supported() -> list[str]:
     return [*HF_TYPES, "timm VisionTransformer"]
 
 
-def prefix_tokens(model: nn.Module) -> int:
+def tower_of(model: nn.Module, family: Family) -> nn.Module:
+    """The module holding the vision embeddings and blocks: the base model, or its vision tower
+    where the model has other parts (CLIPModel's text model has blocks of the same type)."""
+    base = model if family is TIMM else model.base_model
+    return getattr(base, family.tower, base) if family.tower else base
+
+
+def prefix_tokens(model: nn.Module, family: Family) -> int:
     """[CLS], distillation and register tokens ahead of the patches: never reduced."""
     if is_timm_vit(model):
         return model.num_prefix_tokens
+    if not family.has_cls:
+        return 0
     config = model.config
     if config.model_type == "deit":
         return 2
@@ -139,18 +185,18 @@ class VisionPatch(Patch):
     has_grid = True
 
     def __init__(self, model: nn.Module, family: Family, method: Method):
+        base = tower_of(model, family)
         if family is TIMM:
-            base = model
             heads = model.blocks[0].attn.num_heads
         else:
-            check_attention(model)
-            base = model.base_model
-            heads = model.config.num_attention_heads
+            check_attention(base)
+            heads = base.config.num_attention_heads
         layers = find_layers(base, family)
         checks.check_vision(model, method, timm=family is TIMM)
-        super().__init__(model, method, len(layers), heads, has_cls=True)
+        checks.check_cls(method, family.has_cls, f"{family.name} models")
+        super().__init__(model, method, len(layers), heads, has_cls=family.has_cls)
         self.family = family
-        self.prefix = self.fixed_protected = prefix_tokens(model)
+        self.prefix = self.fixed_protected = prefix_tokens(model, family)
 
         self.after(base.get_submodule(family.embeddings), self._embedded)
         if "grid" in method.needs:
@@ -167,7 +213,7 @@ class VisionPatch(Patch):
                 if family is TIMM:
                     self._keep_normed(layer.attn)
         self.after(layers[-1], self.close, first=False)
-        weigh_pooling(self, model, family is TIMM, self.prefix)
+        weigh_pooling(self, model, base, family is TIMM, self.prefix)
 
     def _keep_normed(self, attn: nn.Module) -> None:
         """timm attention with qk_norm: the queries and keys it uses are the outputs (B, H, N, D) of
