@@ -15,8 +15,7 @@ import tokenfuse
 
 #: (config class, model class) of vision-language families tokenfuse does not support yet
 FAMILIES = {
-    "Qwen2-VL": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
-    "Qwen2.5-VL": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+    "Qwen3-VL-MoE": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration"),
     "LLaVA-NeXT-Video": ("LlavaNextVideoConfig", "LlavaNextVideoForConditionalGeneration"),
     "Idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration"),
     "Gemma 3": ("Gemma3Config", "Gemma3ForConditionalGeneration"),

@@ -16,10 +16,12 @@ from torch import Tensor, nn
 from ...methods import Method, VisualMethod
 from ..engine import check_attention, left_padded
 from ..hooks import Hooks
+from . import deepstack
 from .boundary import Boundary
 from .decode import Decode, Record
 from .families import Family, family_of
 from .llm import InLLM, host_module
+from .qwen import QwenBoundary, QwenTower
 from .state import Layout, Pass, carried, carry, image_index, question
 from .tower import Tower, TowerRun
 
@@ -43,8 +45,9 @@ class VlmPatch(Hooks):
         self.boundary = _one(methods, "boundary")
         self.llm = InLLM(self, _one(methods, "llm"))
         check_attention(inner.get_submodule(self.family.llm))
-        self.tower = Tower(self, self.boundary, tower_method)
-        self.cross = Boundary(self, self.boundary)
+        qwen = self.family.positions == "mrope"  # the Qwen-VL families' own tower and boundary
+        self.tower = (QwenTower if qwen else Tower)(self, self.boundary, tower_method)
+        self.cross = (QwenBoundary if qwen else Boundary)(self, self.boundary)
         self.decode = Decode(self)
         if model is not inner:  # the model that computes a loss from labels
             self.before(model, self._no_labels, kwargs=True)
@@ -52,6 +55,8 @@ class VlmPatch(Hooks):
         self.after(inner, self._end, kwargs=True)
         self.tower.install(self.boundary.needs if self.boundary is not None else frozenset())
         self.llm.install(self.decode.layer)
+        if qwen:
+            deepstack.install(self)
 
     @property
     def image_token(self) -> int:
@@ -132,6 +137,8 @@ class VlmPatch(Hooks):
         if images is not None and self.reduces_images():
             kwargs, valid, shift, ids = self.cross.rebuild(fwd, module, kwargs, valid)
             changed = True
+        elif images is not None and self.family.positions == "mrope":
+            self.cross.count(fwd, kwargs, ids)
         elif images is not None:
             fwd.images = len(kwargs["pixel_values"] if encoded is None else encoded.pooler_output)
             fwd.per_image = int((ids == self.image_token).sum()) // max(fwd.images, 1)

@@ -65,26 +65,15 @@ class Boundary:
         fwd.boundary, fwd.tower_trace = tokens, run.layer_tokens
         image_of, index = image_index(is_image, lengths)
         keep = valid & (~is_image | (index < tokens.count[image_of]))
-        left = left_padded(valid)
-        length = int(keep.sum(1).max())
-        order = ahead(~keep)[:, -length:] if left else ahead(keep)[:, :length]
-        new_valid = keep.gather(1, order)
-        pad = patch.config.text_config.pad_token_id
-        new_ids = torch.where(new_valid, ids.gather(1, order), 0 if pad is None else pad)
+        short, new_valid, _ = shorten(kwargs, keep, valid, patch.config.text_config.pad_token_id)
         reduced = copy.copy(encoded)
         reduced.pooler_output = pooled
         out = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "image_sizes")}
-        out |= {
-            "input_ids": new_ids,
-            "mm_encoder_outputs": {**(kwargs.get("mm_encoder_outputs") or {}), "image": reduced},
-        }
-        mask = kwargs.get("attention_mask")
-        if mask is not None or not bool(new_valid.all()):
-            out["attention_mask"] = new_valid.to(torch.long if mask is None else mask.dtype)
+        out |= short | {"mm_encoder_outputs": {**(kwargs.get("mm_encoder_outputs") or {}), "image": reduced}}
         if kwargs.get("position_ids") is not None:
             out["position_ids"] = (new_valid.long().cumsum(1) - 1).masked_fill(~new_valid, 0)
         shift = (valid.sum(1) - new_valid.sum(1))[:, None]
-        return out, new_valid, shift, new_ids
+        return out, new_valid, shift, short["input_ids"]
 
     def layout(self, fwd: Pass, inputs: dict, n_images: int, is_image: Tensor) -> tuple[list | None, Tensor]:
         """The images' layout, left on `fwd` (images, per_image: the most placeholders of an image,
@@ -163,12 +152,7 @@ class Boundary:
         if "projected" in needs:
             out["projected"] = module.get_submodule(self.patch.family.projector)(x)
         if "question" in needs:
-            asked = question(is_image & valid, valid)
-            starts = lengths.cumsum(0) - lengths
-            image_rows = is_image.nonzero()[:, 0][starts]  # the row of each image, in image order
-            index, qmask = rows(asked)
-            embeds = module.get_input_embeddings()(ids.gather(1, index))
-            out |= {"question": embeds[image_rows], "question_mask": qmask[image_rows]}
+            out |= questions(module, ids, valid, is_image, lengths)
         return out
 
 

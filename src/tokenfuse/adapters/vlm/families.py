@@ -33,8 +33,8 @@ class Family:
     tower, layer selection and projector (the host's own seam, called with `encode_kwargs(config)`).
     feature_layer: (config) -> the tower layer whose output is selected (negative from the end).
     dropped: (config) -> leading tower tokens the selection drops ([CLS] under LLaVA's "default").
-    positions: "1d": one position id per token, kept tokens keep theirs (RoPE); the 3-D multimodal
-    positions of Qwen-VL families would be another value, with their own rebuild.
+    positions: "1d": one position id per token (RoPE); "mrope": the 3-D multimodal positions of the
+    Qwen-VL families, whose tower, boundary and deepstack stages are their own (`qwen`).
     views: the layout of an image made of several tower views (`anyres.AnyRes`: a base view and
     crops); None: one view per image, its tower tokens in order.
     """
@@ -50,7 +50,7 @@ class Family:
     encode_kwargs: Callable[[Any], dict[str, Any]]
     feature_layer: Callable[[Any], Any]
     dropped: Callable[[Any], int]
-    positions: Literal["1d"] = "1d"
+    positions: Literal["1d", "mrope"] = "1d"
     views: AnyRes | None = None
 
 
@@ -87,13 +87,46 @@ LLAVA_NEXT = dataclasses.replace(LLAVA, name="llava-next", inner=("LlavaNextMode
 LLAVA_ONEVISION = dataclasses.replace(
     LLAVA, name="llava-onevision", inner=("LlavaOnevisionModel",), views=ONEVISION
 )
-FAMILIES = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION)
+
+
+def _no_kwargs(config) -> dict[str, Any]:
+    return {}
+
+
+def _last_layer(config) -> int:
+    return -1
+
+
+def _no_drop(config) -> int:
+    return 0
+
+
+def _qwen(name: str, inner: str) -> Family:
+    """A Qwen-VL family: the tower (`visual`) ends in its merger, whose output tokens the boundary
+    operator reduces; every tower token is kept (no [CLS])."""
+    return Family(
+        name,
+        inner=(inner,),
+        tower="visual",
+        projector="visual.merger",
+        llm="language_model",
+        layers="language_model.layers",
+        placeholder="image_token_id",
+        encode="get_image_features",
+        encode_kwargs=_no_kwargs,
+        feature_layer=_last_layer,
+        dropped=_no_drop,
+        positions="mrope",
+    )
+
+
+QWEN2_VL = _qwen("qwen2-vl", "Qwen2VLModel")
+QWEN2_5_VL = _qwen("qwen2.5-vl", "Qwen2_5_VLModel")
+QWEN3_VL = _qwen("qwen3-vl", "Qwen3VLModel")
+FAMILIES = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
 
 #: model_type of vision-language models tokenfuse recognises but does not reduce (yet): their name
 UNSUPPORTED = {
-    "qwen2_vl": "Qwen2-VL",
-    "qwen2_5_vl": "Qwen2.5-VL",
-    "qwen3_vl": "Qwen3-VL",
     "qwen3_vl_moe": "Qwen3-VL-MoE",
     "llava_next_video": "LLaVA-NeXT-Video",
     "idefics2": "Idefics2",

@@ -81,6 +81,8 @@ class Pass:
     step_mask: a decoding step's (stage, attention mask) for layers after that stage.
     lengths: (images,) placeholders each image had in the caller's prompt, where known; newline:
     (images, per_image) which of them are newline tokens (AnyRes images; None: none).
+    deepstack: Qwen3-VL's deepstack features and each visual token's row in them, while the
+    in-LLM stage adds them itself (see `deepstack`).
     """
 
     layout: Layout | None = None
@@ -98,6 +100,7 @@ class Pass:
     step_mask: tuple | None = None
     lengths: Tensor | None = None
     newline: Tensor | None = None
+    deepstack: tuple | None = None
 
     def kept(self) -> list[Tensor]:
         """Per image, in prompt order: the indices (sorted) of its visual tokens that the LLM's last
