@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 import transformers
-from conftest import ATTN, MODELS, VISION, images, tiny_bert, tiny_dinov2, tiny_timm, vision_outputs
+from conftest import ATTN, MODELS, VISION, images, tiny_bert, tiny_timm, vision_outputs
 
 import tokenfuse
 from tokenfuse.adapters.local_attention import window_bias
@@ -150,10 +150,9 @@ def test_the_refusals_fix_maps_tokens_back_for_a_token_head(tokenizer, texts):
     assert hidden.shape[1] < inputs["input_ids"].shape[1] == logits.shape[1]
 
 
-@pytest.mark.parametrize(
-    ("build", "head"), [(tiny_dinov2, "Dinov2Backbone"), (VISION["hf-vit"], "ViTForMaskedImageModeling")]
-)
+@pytest.mark.parametrize(("build", "head"), [(VISION["hf-vit"], "ViTForMaskedImageModeling")])
 def test_dense_vision_heads_are_refused(build, head):
+    """Backbones (Dinov2Backbone) are served: test_dense_backbones."""
     with pytest.raises(TypeError, match=rf"{head} returns one output per input token.*to_grid"):
         tokenfuse.apply(rebuilt(build, head), "tome", keep=0.5)
 

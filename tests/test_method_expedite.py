@@ -43,10 +43,11 @@ def test_a_cluster_per_token_is_the_identity(family):
 
 
 def layer_input(x: torch.Tensor, grid: tuple[int, int], prefix: int, keep: int) -> LayerInput:
-    """What the engine hands the method at point 1 for tokens x (B, N, C): `keep` tokens to stay."""
+    """What the engine hands the method at point 1 for tokens x (B, N, C): `keep` tokens to stay,
+    sources tracked (dense outputs wanted, so the method brings its reconstruction)."""
     B, N, _ = x.shape
     protected = (torch.arange(N) < prefix).expand(B, N)
-    tokens = Tokens.start(torch.ones(B, N, dtype=torch.bool), protected)
+    tokens = Tokens.start(torch.ones(B, N, dtype=torch.bool), protected, track_source=True)
     return LayerInput(point=1, x=x, tokens=tokens, remove=torch.full((B,), N - keep), grid=grid)
 
 

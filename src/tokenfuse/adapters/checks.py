@@ -103,7 +103,8 @@ def check_vision(model: nn.Module, method: Method, timm: bool) -> None:
     """Vision transformers: a dense head, an attention layer whose queries and keys are not the
     captured ones, or a pooling that ignores sizes is refused."""
     if not timm:
-        _check_head(model, VISION_HEADS, "an image classifier (e.g. ViTForImageClassification)")
+        example = "an image classifier (e.g. ViTForImageClassification)"
+        _check_head(model, VISION_HEADS, example, backbones=True)
         return
     pool = model.global_pool
     if pool not in TIMM_POOLS:
@@ -129,11 +130,17 @@ def check_vision(model: nn.Module, method: Method, timm: bool) -> None:
             )
 
 
-def _check_head(model: nn.Module, heads: tuple[str, ...], example: str) -> None:
-    """Hugging Face models: the base model, or a head that reads [CLS] or a pooled output."""
+def is_backbone(model: nn.Module) -> bool:
+    """A transformers backbone (Dinov2Backbone): it returns feature maps, read by position."""
+    return any(c.__name__ == "BackboneMixin" for c in type(model).__mro__)
+
+
+def _check_head(model: nn.Module, heads: tuple[str, ...], example: str, backbones: bool = False) -> None:
+    """Hugging Face models: the base model, or a head that reads [CLS] or a pooled output; with
+    backbones=True also a backbone (the vision adapter maps its hidden states back to the grid)."""
     name = type(model).__name__
-    backbone = any(c.__name__ == "BackboneMixin" for c in type(model).__mro__)  # feature maps by position
-    if (model.base_model is model and not backbone) or name.endswith(heads):
+    backbone = is_backbone(model)
+    if (model.base_model is model and (backbones or not backbone)) or name.endswith(heads):
         return
     base = "the base model (AutoModel)" if backbone else f"model.{model.base_model_prefix}"
     raise TypeError(

@@ -33,6 +33,8 @@ class Forward:
     qkv: the current layer's per-head q, k, v (B, H, N, D), until a reduction point consumes them.
     reduced: whether tokens were reduced (from then on layers attend with the engine's mask).
     grid: (h, w) the input image's patch grid (vision adapters, for methods that need it).
+    entering: the token state entering each layer, kept where sources are tracked (so that each
+    layer's hidden states can be mapped back to the grid).
     """
 
     tokens: Tokens | None = None
@@ -42,6 +44,7 @@ class Forward:
     qkv: dict[str, Tensor] = field(default_factory=dict)
     reduced: bool = False
     grid: tuple[int, int] | None = None
+    entering: list[Tokens] = field(default_factory=list)
 
 
 class Patch(Hooks):
@@ -53,6 +56,8 @@ class Patch(Hooks):
     default_min_tokens: ClassVar[int] = 0
     #: whether the adapter gives methods the image's patch grid (`LayerInput.grid`)
     has_grid: ClassVar[bool] = False
+    #: whether every pass tracks sources, whatever the method says (dense backbones: feature maps are grids)
+    tracks_source: bool = False
 
     def __init__(self, model: nn.Module, method: Method, num_layers: int, num_heads: int, has_cls: bool):
         super().__init__()
@@ -92,7 +97,10 @@ class Patch(Hooks):
     def begin(self, fwd: Forward, mask: Tensor, protected: Tensor) -> None:
         """The pass knows its padding: every real token stands for itself."""
         fwd.tokens = Tokens.start(
-            mask, protected, track_source=self.method.track_source, track_origin=self.tracks_origin
+            mask,
+            protected,
+            track_source=self.method.track_source or self.tracks_source,
+            track_origin=self.tracks_origin,
         )
         fwd.n0 = fwd.tokens.count
         fwd.width = mask.shape[1]
@@ -101,6 +109,8 @@ class Patch(Hooks):
         """A layer starts: the engine's attention mask once tokens were reduced, else None (the
         host's own mask, untouched, so that keep 1.0 is bit-identical)."""
         fwd.trace.append((fwd.tokens.count, fwd.tokens.count))
+        if fwd.tokens.source is not None:
+            fwd.entering.append(fwd.tokens)
         if not fwd.reduced:
             return None
         return attention_bias(fwd.tokens, dtype, self.method.prop_attn)

@@ -28,6 +28,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from ..core import unmerge
 from ..methods import Method
 from . import checks
 from .base import Forward, Patch, check_attention, first, replace_first, with_mask
@@ -201,6 +202,8 @@ class VisionPatch(Patch):
         self.after(base.get_submodule(family.embeddings), self._embedded)
         if "grid" in method.needs:
             self._watch_grid(base)
+        if family is not TIMM:
+            self._hidden_states_at_full_resolution(model, base, layers)
         for i, layer in enumerate(layers):
             self.before(layer, self._enter, kwargs=True)
             self.before(layer.get_submodule(family.mlp_in), partial(self._before_mlp, i + 1))
@@ -236,6 +239,30 @@ class VisionPatch(Patch):
                 f"convolution, and this {type(base).__name__} has none: choose a method without a grid"
             )
         self.after(conv, self._patch_grid)
+
+    def _hidden_states_at_full_resolution(self, model: nn.Module, base: nn.Module, layers: nn.Module) -> None:
+        """Hugging Face towers: the hidden states a caller asks for (output_hidden_states, a
+        backbone's feature maps) come back at every input position where sources are tracked
+        (track_source=True; a backbone, whose feature maps are grids, always tracks them): each
+        layer's tokens are unmerged, or rebuilt by the method's own reconstruction."""
+        self.tracks_source = checks.is_backbone(model)
+        encoder = next(m for m in base.modules() if any(c is layers for c in m.children()))
+        self.after(encoder, self._hidden_states_to_grid)
+
+    def _hidden_states_to_grid(self, module: nn.Module, args: tuple, out):
+        """The encoder's output with each recorded hidden state (B, N_l, C) mapped to (B, N0, C),
+        from the token state that held it (entering each layer, then the last)."""
+        fwd = self.last
+        states = getattr(out, "hidden_states", None)
+        if fwd is None or states is None or not fwd.reduced or fwd.tokens.source is None:
+            return None
+        held = [*fwd.entering, fwd.tokens]
+        if len(held) != len(states):
+            return None
+        out.hidden_states = tuple(
+            None if h is None else unmerge(h, t) for h, t in zip(states, held, strict=True)
+        )
+        return out
 
     def _patch_grid(self, module: nn.Module, args: tuple, out: Tensor) -> None:
         """The patch grid (h, w) of this thread's image, for the pass its embeddings open."""

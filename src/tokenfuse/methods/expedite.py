@@ -229,7 +229,7 @@ class Expedite(Method):
             [F.pad(torch.ones_like(kept[..., :1], dtype=torch.float32), (0, K - 1)), affinity], 1
         )
         rebuild = None
-        if self.track_source:
+        if tokens.source is not None:  # dense outputs wanted: bring the reconstruction
             rebuild = x.new_zeros(B, N, N, dtype=torch.float32)
             rebuild[:, :prefix, :prefix] = torch.eye(prefix, device=x.device)
             rebuild[:, prefix:, slot] = reconstruction(patches, centres, self.k, self.rebuild_temperature)
