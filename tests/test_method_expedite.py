@@ -152,8 +152,9 @@ def test_clustering_and_reconstruction_give_the_authors_outputs(case):
     assert torch.allclose(rebuilt, c["rebuilt"], rtol=0, atol=1e-5), (rebuilt - c["rebuilt"]).abs().max()
 
 
-# case 1 holds an exact tie at its 20th largest reconstruction weight, which a last-bit difference
-# in the centres breaks either way; the engine path is compared on the others
+# in case 1 two centres end 4e-6 apart, so a token's 20th and 21st reconstruction weights tie
+# exactly in the authors' output, and a last-bit difference in the centres decides which one k = 20
+# keeps (0.40 apart); the engine path is compared on the other cases
 @pytest.mark.parametrize("case", [0, 2, 3])
 def test_the_method_through_the_engine_gives_the_authors_outputs(case):
     """decide + reduce give the authors' centres as the cluster tokens, [CLS] apart; `unmerge`
