@@ -1,4 +1,4 @@
-"""Expedite: Liang, Zhou, Zhao, Cui, Wang, Yuan, Zhang and Hu, "Expediting Large-Scale Vision
+"""Expedite: Liang, Yuan, Ding, Luo, Lin, Jia, Zhang, Zhang and Hu, "Expediting Large-Scale Vision
 Transformer for Dense Prediction without Fine-tuning", NeurIPS 2022.
 
 Dense models need every position back at the end. After layer alpha the patch tokens are clustered
@@ -9,12 +9,12 @@ mmseg/ops/cluster.py and reconstruction.py; tests/test_method_expedite.py compar
     rounds of soft k-means gives every token softmax(-cluster_temperature * squared distance) over the
     clusters within `window` cells of its own (its cell: the cluster grid resized to the token grid,
     nearest), and moves each centre to the affinity-weighted mean of its tokens;
-  - the temperature multiplies the distance, as the code does (the paper's formula divides by it);
+  - the temperature multiplies the squared distance, as the code does (a detail the paper leaves out);
   - [CLS], distillation and register tokens are kept whole, out of the clusters;
   - the reconstruction weights go from each token at alpha to the final centres at alpha:
     exp(-rebuild_temperature * squared distance), the `k` largest kept (ties at the k-th kept
-    too), L2-normalised as the code does (the paper's weights sum to 1); they are applied to the
-    clusters the last layer puts out (`tokenfuse.to_grid`, with track_source=True).
+    too), L2-normalised as the code does (not summed to 1); they are applied to the clusters a
+    layer puts out (`tokenfuse.to_grid`, hidden states), wherever sources are tracked.
   - defaults: the code's Segmenter ViT-L/16 configuration on ADE20K (640 px, 40 x 40 patches): after
     layer 10 of 24, 28 x 28 clusters, 5 rounds, window 5, temperature 0.02, k 20 at 0.02.
 Deviations: tokenfuse reduces between a layer's attention and its MLP, so the clusters are made from
@@ -25,7 +25,8 @@ the share of tokens after alpha; the cluster grid is the one of the image's aspe
 that many cells (or a fixed `grid`, as the paper sets it). The last round's affinities are the
 reduction's shares, so the engine's size-weighted average gives the last round's centres
 (tokens at alpha stand for one input token each). Centres the code would leave at zero (a
-cluster no token joins) do not survive here.
+cluster no token joins) do not survive here. A batch holds images of one size (one pixel tensor),
+each image clustered on its own.
 """
 
 from __future__ import annotations
