@@ -72,6 +72,8 @@ class Patch(Hooks):
         self.num_heads = num_heads
         self.has_cls = has_cls
         self.schedule = method.schedule_for(num_layers)
+        # hooks that read counts back (the default mode's, when they reduce) run outside compiled graphs
+        self.traced = method.static or min(self.schedule) >= 1.0
         self.wants_attention = bool(method.needs & method.ATTENTION_INPUTS)
         self.tracks_origin = False  # set by adapters whose host reads positions after the embeddings
         #: how many tokens every sequence protects, known before any input (static mode's margin)

@@ -28,10 +28,13 @@ class Hooks:
     hook away. For the bench, by every forward of every thread: decide_seconds, the time spent in
     the method's decisions; overhead_seconds, the time spent in the hooks installed by `before` and `after`
     (decisions included): what tokenfuse adds to the host model's own layers. Neither is kept while
-    torch.compile traces (a timer would split its graph). `state_type` is what a pass keeps (each
-    subclass sets it)."""
+    torch.compile traces (a timer would split its graph): hooks that are not `traced` run outside
+    its graphs, and are timed there too. `state_type` is what a pass keeps (each subclass sets it)."""
 
     state_type: ClassVar[type]
+    #: whether torch.compile may trace the hooks into the host's graph (static mode: they read nothing
+    #: back); otherwise they run outside it (`_outside`)
+    traced: bool = True
 
     def __init__(self) -> None:
         self.decide_seconds = 0.0
@@ -105,8 +108,8 @@ class Hooks:
         return out
 
     def _timer(self, hook) -> partial:
-        """The hook, its time added to overhead_seconds."""
-        return partial(self._clocked, hook)
+        """The hook, its time added to overhead_seconds; outside torch.compile's graphs unless `traced`."""
+        return partial(self._clocked if self.traced else self._outside, hook)
 
     def _clocked(self, hook, *args, **kwargs):
         if torch.compiler.is_compiling():
@@ -118,6 +121,46 @@ class Hooks:
             seconds = time.perf_counter() - start
             with self._lock:
                 self.overhead_seconds += seconds
+
+    _eager = torch.compiler.disable(_clocked)
+
+    @torch.compiler.disable(recursive=False)
+    def _outside(self, hook, *args, **kwargs):
+        """`_clocked`, never traced by torch.compile. Traced, a hook that reads a count back from the
+        tensors splits the graph inside code every hook shares (this timer, the engine), whose resumed
+        frames guard on the hook and its arguments and recompile at each hook. Run eagerly instead, it
+        splits the graph at the hooked module's call, and the host's code between hooks compiles once
+        for all layers: the tensors a hook sees and hands on, whose sizes change from layer to layer,
+        are marked dynamic before that code first compiles (only under torch.compile: in eager mode
+        this is `_clocked`)."""
+        if not _compiled_around():
+            return self._clocked(hook, *args, **kwargs)
+        out = self._eager(hook, *args, **kwargs)
+        for t in _tensors((args, kwargs, out)):
+            torch._dynamo.maybe_mark_dynamic(t, tuple(range(t.dim())))
+        return out
+
+
+#: dynamo's frame callback: set while a torch.compile'd call runs (its eager parts included)
+_frame_callback = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+_frame_callback = getattr(_frame_callback, "get_eval_frame_callback", lambda: True)
+
+
+def _compiled_around() -> bool:
+    """Whether this eager code runs inside a torch.compile'd call (always, where torch cannot say)."""
+    return _frame_callback() is not None
+
+
+def _tensors(value):
+    """The tensors in a hook's arguments or result (nested tuples, lists and dicts)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
 
 
 def argument(args: tuple, kwargs: dict, name: str, index: int):

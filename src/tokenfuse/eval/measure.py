@@ -141,9 +141,8 @@ def runtime_model(model: nn.Module, config: Config, baseline: bool, **extra: Any
     weights cost MiniLM 0.07 of embedding cosine, per-channel 0.02, at the same speed), then the
     reduction applied to the quantized model. compile: the reduction applied, then
     `torch.compile(dynamic=True)` of the whole model with its hooks; its first calls compile, so a
-    task runs it once before timing it. In the default mode the hooks of each reduction point
-    specialize on their layer (one graph each), so this compilation may recompile the default limit
-    (8) plus once per reduction point before it falls back to eager; in static mode the model is one
+    task runs it once before timing it. In the default mode the hooks run outside the graphs, which
+    they split at every hooked module (compiled once for every layer); in static mode the model is one
     graph. onnxruntime: the reduction applied (static mode only), the model exported to ONNX and run
     by ONNX Runtime (`ort.OnnxRuntimeModel`), which gives the hidden states and the token sizes.
     """
@@ -164,8 +163,10 @@ def runtime_model(model: nn.Module, config: Config, baseline: bool, **extra: Any
     if config.runtime == "compile":
         from torch import _dynamo
 
-        patch = patch_of(out)
-        limit = _dynamo.config.recompile_limit + (patch.num_layers + 1 if patch else 0)
+        # the default mode's hooks split the graph at each hooked module, and transformers wraps the
+        # forwards of several modules in one function (deprecate_kwarg): its frames, one per module
+        # and per batch of one or more, share one limit
+        limit = 2 * _dynamo.config.recompile_limit
         out = torch.compile(out, dynamic=True, recompile_limit=limit, isolate_recompiles=True)
     if config.runtime == "onnxruntime":
         out = OnnxRuntimeModel(out)
