@@ -109,15 +109,15 @@ def test_a_researcher_can_register_a_method():
 
 
 def test_cls_method_on_a_model_without_cls_is_refused(monkeypatch):
-    from tokenfuse.adapters import hf_text
+    from tokenfuse.adapters import text_families
 
     class NeedsCls(Method):
         name, paper = "test-needs-cls", "none"
         needs = frozenset({"cls_attention"})
 
-    no_cls = hf_text.Family(
+    no_cls = text_families.Family(
         "bert", ("bert",), "embeddings", "encoder.layer", "attention", ("q", "k", "v"), False
     )
-    monkeypatch.setattr(hf_text, "FAMILIES", (no_cls,))
+    monkeypatch.setattr(text_families, "FAMILIES", (no_cls,))
     with pytest.raises(ValueError, match="no \\[CLS\\] token"):
         tokenfuse.apply(tiny_bert(), NeedsCls(keep=0.5))

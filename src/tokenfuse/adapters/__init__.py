@@ -17,7 +17,7 @@ from typing import Literal
 from torch import nn
 
 from ..methods import Method, VisualMethod
-from . import hf_text, vision, vlm
+from . import hf_text, text_families, vision, vlm
 from .engine import Patch
 from .protocol import Installed
 from .sentence_transformers import SentencePatch, encoder_of
@@ -40,13 +40,13 @@ def target(model: nn.Module) -> Target:
         )
     if encoder_of(model) is not None:
         return "sentence-transformers"
-    if hf_text.family_of(model) is not None:
+    if text_families.family_of(model) is not None:
         return "text"
     if vision.family_of(model) is not None:
         return "vision"
     kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     raise TypeError(
-        f"tokenfuse does not support {kind!r} models; supported: {', '.join(hf_text.supported())} "
+        f"tokenfuse does not support {kind!r} models; supported: {', '.join(text_families.supported())} "
         f"(Hugging Face text encoders), {', '.join(vision.supported())} (vision transformers), "
         f"{', '.join(families.supported())} (vision-language models), and SentenceTransformers wrapping "
         "one of the text encoders"
@@ -75,10 +75,10 @@ def install(
     if kind == "sentence-transformers":
         encoder = encoder_of(model)
         return SentencePatch(
-            model, hf_text.TextPatch(encoder, hf_text.family_of(encoder), method, protect_ids)
+            model, hf_text.TextPatch(encoder, text_families.family_of(encoder), method, protect_ids)
         )
     if kind == "text":
-        return hf_text.TextPatch(model, hf_text.family_of(model), method, protect_ids)
+        return hf_text.TextPatch(model, text_families.family_of(model), method, protect_ids)
     if protect_ids:
         raise ValueError("protect_ids names text token ids; vision models protect [CLS] and registers")
     return vision.VisionPatch(model, vision.family_of(model), method)

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core import attention_bias, pool_mean
-from .base import Patch, with_mask
+from .engine import Patch
+from .hooks import with_mask
 
 #: Hugging Face classifiers whose input is the mean of the patch tokens: the tower's module whose
 #: output those tokens are, and whether [CLS] goes ahead of the mean in the classifier's input

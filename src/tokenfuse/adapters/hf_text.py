@@ -3,7 +3,7 @@
 The adapter adds hooks and never replaces a forward: the host model's own attention, norms,
 residuals and dropout run unchanged, so a new transformers release cannot silently lose a piece of
 the computation. The hooks:
-  - before the embeddings: open this pass's own state (see `base`), note tokens protected by id;
+  - before the embeddings: open this pass's own state (see `hooks`), note tokens protected by id;
     hooks inside the model fire even when `model.forward(...)` is called directly;
   - before the first layer: read the padding mask from the attention mask the host hands it (the
     host builds it after the embeddings), protect the first and last real token ([CLS], [SEP],
@@ -30,97 +30,15 @@ from torch import Tensor, nn
 
 from ..methods import Method
 from . import checks
-from .base import (
-    Forward,
-    Patch,
-    argument,
-    check_attention,
-    first,
-    pairs_at,
-    replace_first,
-    with_argument,
-    with_mask,
-)
+from .engine import Forward, Patch, check_attention, pairs_at
+from .hooks import argument, first, replace_first, with_argument, with_mask
 from .local_attention import local_windows, rotary_at, rotate, window_bias
+from .text_families import Family
 
 #: the default floor of a text encoder's reductions (`Method.min_tokens`): below it, reducing costs
 #: more than it saves on MiniLM at keep 0.5 on 2 CPU cores (scripts/length_floor.py), and short texts
 #: are where merging hurts most
 MIN_TOKENS = 32
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where one family of encoders keeps its embeddings and layers, the block after which tokens
-    are reduced (its output is what the MLP consumes) and the query, key, value projections.
-    position_bias: the layers' argument that carries a relative position bias shared by every
-    layer (MPNet), computed by the host for the unreduced input; None where positions are added
-    once, at the embeddings. rotary: the layers' argument that carries the rotary (cos, sin) of the
-    unreduced input's positions (ModernBERT), whose layers of `config.layer_types`
-    'sliding_attention' attend within `config.sliding_window` positions either side.
-    merge_after "": the layer adds the attention's residual inside its own forward, out of a hook's
-    reach, so tokens are reduced after the whole layer (see `TextPatch`)."""
-
-    name: str
-    model_types: tuple[str, ...]
-    embeddings: str
-    layers: str
-    merge_after: str
-    qkv: tuple[str, str, str]
-    has_cls: bool = True  # position 0 is a [CLS]-like summary token
-    position_bias: str | None = None
-    rotary: str | None = None
-
-
-FAMILIES = (
-    Family(
-        "bert",
-        ("bert", "roberta", "xlm-roberta"),
-        embeddings="embeddings",
-        layers="encoder.layer",
-        merge_after="attention",
-        qkv=("attention.self.query", "attention.self.key", "attention.self.value"),
-    ),
-    Family(
-        "distilbert",
-        ("distilbert",),
-        embeddings="embeddings",
-        layers="transformer.layer",
-        merge_after="sa_layer_norm",
-        qkv=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
-    ),
-    Family(
-        "mpnet",
-        ("mpnet",),
-        embeddings="embeddings",
-        layers="encoder.layer",
-        merge_after="attention",
-        qkv=("attention.attn.q", "attention.attn.k", "attention.attn.v"),
-        position_bias="position_bias",
-    ),
-    Family(
-        "modernbert",
-        ("modernbert",),
-        embeddings="embeddings",
-        layers="layers",
-        merge_after="",
-        qkv=("attn.Wqkv",),
-        rotary="position_embeddings",
-    ),
-)
-
-
-def family_of(model: nn.Module) -> Family | None:
-    """The family of a Hugging Face text model; None for anything else, wrappers that expose the
-    model's config (a SentenceTransformer) included."""
-    if getattr(model, "base_model", None) is None:
-        return None
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return next((f for f in FAMILIES if model_type in f.model_types), None)
-
-
-def supported() -> list[str]:
-    return [t for f in FAMILIES for t in f.model_types]
 
 
 def padding_of(host: Tensor | None, x: Tensor) -> Tensor:

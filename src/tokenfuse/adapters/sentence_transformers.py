@@ -26,7 +26,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from . import hf_text
+from . import text_families
 from .engine import Patch
 from .hooks import Hooks, argument
 from .protocol import no_kept
@@ -55,11 +55,11 @@ def encoder_of(model: nn.Module) -> nn.Module | None:
             f"tokenfuse patches a SentenceTransformer whose first module is a sentence-transformers "
             f"Transformer, and this one's is a {type(first).__name__}"
         )
-    if hf_text.family_of(encoder) is None:
+    if text_families.family_of(encoder) is None:
         kind = getattr(getattr(encoder, "config", None), "model_type", None) or type(encoder).__name__
         raise TypeError(
             f"this SentenceTransformer wraps a {kind!r} model; tokenfuse supports "
-            f"{', '.join(hf_text.supported())} encoders"
+            f"{', '.join(text_families.supported())} encoders"
         )
     _check_output(first)
     _check_pooling(model[1] if len(model) > 1 else None)

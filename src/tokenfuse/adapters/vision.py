@@ -16,7 +16,7 @@ CLIP's `pre_layrnorm` runs on the full grid (the pass opens at its output) and i
 on the [CLS] token the host pools, as written; SigLIP's attention-pooling head weighs tokens by size
 (`heads`).
 
-Each pass keeps its state apart (see `base`): the embeddings' output opens it, x' and m' are kept
+Each pass keeps its state apart (see `hooks`): the embeddings' output opens it, x' and m' are kept
 in it between the MLP's hooks and the block's, and the last block closes it.
 """
 
@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from ..core import unmerge
 from ..methods import Method
 from . import checks
-from .base import Forward, Patch, check_attention, first, replace_first, with_mask
+from .engine import Forward, Patch, check_attention
 from .heads import weigh_pooling
+from .hooks import first, replace_first, with_mask
 
 
 @dataclass(frozen=True)
