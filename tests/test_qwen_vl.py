@@ -114,6 +114,7 @@ def test_keep_one_is_bit_identical_for_forward_and_generate(model, placement):
         try:
             assert torch.equal(model(**batch).logits, logits)
             assert torch.equal(generate(model, batch), tokens)
+            assert [k.tolist() for k in tokenfuse.kept(model)] == [list(range(h * w // 4)) for h, w in GRIDS]
         finally:
             tokenfuse.remove(model)
         assert torch.equal(model(**batch).logits, logits)

@@ -63,6 +63,22 @@ def test_without_reduction_every_image_keeps_all_its_tokens(model):
         tokenfuse.remove(model)
 
 
+def test_without_reduction_generate_leaves_every_image_all_its_tokens(model):
+    """generate()'s decoding steps continue the prompt's cache: kept() and the layer trace still read
+    the prompt, not the last step."""
+    rows, pixels = prompts(images=(True, False, True))
+    batch = rows_to_batch(rows, pixels)
+    tokenfuse.apply(model, "pool", keep=1.0)
+    try:
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=3, do_sample=False)
+        assert [k.tolist() for k in tokenfuse.kept(model)] == [list(range(PER_IMAGE))] * 2
+        layers = tokenfuse.patch_of(model).layer_tokens()
+        assert layers[:, 0].tolist() == [batch["attention_mask"].sum(1).tolist()] * layers.shape[0]
+    finally:
+        tokenfuse.remove(model)
+
+
 class RecordingPrune(RandomVisual):
     def decide(self, inp):
         red = super().decide(inp)

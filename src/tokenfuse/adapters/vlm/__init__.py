@@ -114,6 +114,9 @@ class VlmPatch(Hooks):
         record = carried(cache, Record)
         if record is not None:
             return (), self.decode.step(self.open(prompt=False), record, kwargs)
+        if _continues(cache, kwargs):  # a step after an unreduced prefill: nothing to translate
+            self.open(prompt=False)
+            return (), kwargs
         if self.family.views is not None and self.reduces():
             self.family.views.refuse_video(kwargs)
         fwd = self.open()
@@ -226,6 +229,13 @@ class VlmPatch(Hooks):
         for layer, count in trace:
             out[layer:] = count
         return torch.stack([out, out], 1)
+
+
+def _continues(cache, kwargs: dict) -> bool:
+    """Whether a call continues a filled cache with no images: a decoding step, whose pass must not
+    replace the prompt's as the one the readers report."""
+    images = kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs")
+    return cache is not None and cache.get_seq_length() > 0 and not images
 
 
 def _one(methods: list[VisualMethod], placement: str) -> VisualMethod | None:
