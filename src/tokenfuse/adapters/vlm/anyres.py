@@ -75,6 +75,19 @@ class Image:
         rows, cols = self.size
         return self.base + torch.arange(rows) * (cols + 1) + cols
 
+    def content_views(self) -> Tensor:
+        """(content,) the view each content token comes from: 0 the base view, 1 + r x columns + c the
+        crop at tile row r, column c; a downsampled grid's token, the crop of its nearest source token."""
+        base = torch.zeros(self.base, dtype=torch.long)
+        if self.crops is None:
+            return base
+        (H, W), (h, w), side = self.crops.shape, self.size, math.isqrt(self.base)
+        rows, cols = (2 * torch.arange(h) + 1) * H // (2 * h), (2 * torch.arange(w) + 1) * W // (2 * w)
+        source = self.crops[rows][:, cols]
+        width = self.tiles[1] * side
+        crop = (source // width // side) * self.tiles[1] + source % width // side
+        return torch.cat([base, 1 + crop.flatten()])
+
     @property
     def placeholders(self) -> int:
         return self.content + len(self.newline_slots())
@@ -173,6 +186,12 @@ def pad(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
     x = torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)
     length = torch.tensor([len(p) for p in parts], device=x.device)
     return x, torch.arange(x.shape[1], device=x.device)[None] < length[:, None]
+
+
+def views(images: list[Image], device) -> Tensor:
+    """(B_img, most content tokens) each content token's view (`Image.content_views`), -1 padding."""
+    out, real = pad([image.content_views().to(device) for image in images])
+    return out.masked_fill(~real, -1)
 
 
 def assemble(

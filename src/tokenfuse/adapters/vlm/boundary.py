@@ -138,7 +138,7 @@ class Boundary:
         out: dict[str, Tensor] = {}
         tower = self.patch.tower
         drop = self.patch.family.dropped(self.patch.config)
-        if needs & {"cls_attention", "cls_attention_layers"}:
+        if needs & {"cls_attention", "cls_attention_layers"} and tower.has_cls:  # else: a substitute
             layers = (
                 range(tower.feature_layer + 1) if "cls_attention_layers" in needs else [tower.feature_layer]
             )
@@ -153,6 +153,8 @@ class Boundary:
             out["projected"] = module.get_submodule(self.patch.family.projector)(x)
         if "question" in needs:
             out |= questions(module, ids, valid, is_image, lengths)
+        if "views" in needs and images is not None:
+            out["views"] = anyres.views(images, x.device)
         return out
 
 

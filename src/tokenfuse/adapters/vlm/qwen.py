@@ -95,14 +95,17 @@ class QwenTower:
 
 def refuse(boundary: VisualMethod, family: str) -> None:
     """Boundary operators a Qwen-VL tower cannot serve, refused before any work."""
-    if boundary.needs & CLS_SCORED:
+    if boundary.needs & CLS_SCORED and not boundary.cls_substitute:
         raise ValueError(
             f"{boundary.name} scores each visual token by the [CLS] token's attention, and a {family} tower "
             "has no [CLS] token (nor any pooled query): there is nothing for it to read. Choose an operator "
             "that does not read [CLS] attention (divprune, cdpruner, pool, random, aim, or fastv in the LLM)"
         )
     if boundary.needs & SCORED:
-        raise ValueError(f"{boundary.name} reads the tower's keys, which a {family} tower does not expose")
+        raise ValueError(
+            f"{boundary.name} reads the tower's keys, which a {family} tower does not expose: choose an "
+            "operator that does not read them (divprune, cdpruner, pool, random, aim, or fastv in the LLM)"
+        )
     if type(boundary).pixels is not VisualMethod.pixels:
         raise ValueError(
             f"{boundary.name} changes the pixels, which a {family} processor has already cut into merged "

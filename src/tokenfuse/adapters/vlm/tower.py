@@ -67,6 +67,7 @@ class Tower:
         self.layers = len(self.attention)
         self.selected = feature_layer
         self.feature_layer = feature_layer % (self.layers + 1) - 1  # hidden_states[0]: the embeddings
+        self.has_cls = families.has_cls(self.module)
         if family.views is not None:
             family.views.check(boundary, method)
         if boundary is not None:
@@ -84,7 +85,7 @@ class Tower:
     def _check_cls(self, boundary: VisualMethod) -> None:
         """Operators that score by the [CLS] query's attention need a tower that has one."""
         scored = boundary.needs & CLS_SCORED
-        if scored and not families.has_cls(self.module):
+        if scored and not self.has_cls and not boundary.cls_substitute:
             raise ValueError(
                 f"{boundary.name} scores each visual token by the [CLS] token's attention "
                 f"({', '.join(sorted(scored))}), and this vision tower ({type(self.module).__name__}) has no "
@@ -138,6 +139,8 @@ class Tower:
             args, kwargs = (
                 ((pixels, *args[1:]), kwargs) if args else (args, {**kwargs, "pixel_values": pixels})
             )
+            if "interpolate_pos_encoding" in inspect.signature(module.forward).parameters:
+                kwargs = {**kwargs, "interpolate_pos_encoding": True}  # CLIP, SigLIP: positions for the grid
         patch.slots.tower = TowerRun(full=full, grid=(pixels.shape[-2] // size, pixels.shape[-1] // size))
         return args, kwargs
 

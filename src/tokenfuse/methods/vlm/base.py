@@ -40,11 +40,15 @@ class VisualInput:
     layer: the LLM layer the reduced sequence enters next; None at the boundary.
     The rest is present only when the operator's `needs` names it:
     cls_attention: (B, N) the tower's [CLS] attention to each token at the selected layer, mean over
-        heads, softmax over [CLS] and the patches, [CLS] column dropped.
+        heads, softmax over [CLS] and the patches, [CLS] column dropped; None where the tower has no
+        [CLS] and the operator brings a substitute (`cls_substitute`).
     cls_attention_layers: (B, Lt, N) the same at every tower layer (Lt layers, input to output).
     keys: (B, N, D) the selected tower layer's keys, mean over heads.
     projected: (B, N, C') the features after the projector (the LLM's input space).
     question: (B, Q, C') input embeddings of each row's question tokens; question_mask (B, Q).
+    views: (B, N) the view of its image each token comes from, for images made of several (AnyRes:
+        0 the base view, 1 + r x columns + c the crop at tile row r, column c; -1 padding); None
+        where every image is one view.
     text_attention: (B, Q, N) in the LLM: each question token's attention to every token, mean over
         heads; rows padded where question_mask is False.
     last_attention: (B, N) in the LLM: the last prompt token's attention to every token (FastV).
@@ -62,6 +66,7 @@ class VisualInput:
     projected: Tensor | None = None
     question: Tensor | None = None
     question_mask: Tensor | None = None
+    views: Tensor | None = None
     text_attention: Tensor | None = None
     last_attention: Tensor | None = None
 
@@ -76,7 +81,12 @@ class VisualMethod:
     needs: frozenset[str] = frozenset()
     #: True for operators that drop tokens rather than merge them
     prunes: ClassVar[bool] = False
-    BOUNDARY_INPUTS = frozenset({"cls_attention", "cls_attention_layers", "keys", "projected", "question"})
+    #: True for operators that read cls_attention where the tower has a [CLS] and score otherwise where
+    #: it has none (they get cls_attention None there), instead of being refused
+    cls_substitute: ClassVar[bool] = False
+    BOUNDARY_INPUTS = frozenset(
+        {"cls_attention", "cls_attention_layers", "keys", "projected", "question", "views"}
+    )
     LLM_INPUTS = frozenset({"text_attention", "last_attention"})
 
     def __init__(self, keep: float = 0.25, layer: int | None = None) -> None:
