@@ -220,6 +220,6 @@ def test_recoverable_keeps_and_recovers_the_authors_tokens():
 
 
 def test_visionzip_refuses_an_unknown_merge_and_lists_it_in_its_options():
-    with pytest.raises(ValueError, match='merge must be "weighted" or "authors"'):
+    with pytest.raises(ValueError, match="merge must be one of 'weighted' \\| 'authors'"):
         make("visionzip", kind="visual", merge="mean")
     assert make("visionzip", kind="visual", merge="authors").options()["merge"] == "authors"

@@ -96,8 +96,8 @@ def test_methods_lists_every_method_with_its_paper_and_options(capsys):
     table = methods_table()
     names, papers, _, options = (list(column.cells) for column in table.columns)
     assert names == list(available()) and papers == [cls.paper for cls in available().values()]
-    assert all("keep=" in o for o in options)
-    assert "similarity='hidden'" in options[names.index("tome")]
+    assert all("keep: float = " in o for o in options)
+    assert "similarity: 'hidden' | 'keys' = 'hidden'" in options[names.index("tome")]
     printed = capsys.readouterr().out
     assert all(name in printed for name in names)
 

@@ -279,7 +279,7 @@ def test_the_tower_output_is_reduced_even_after_an_unpatched_run():
     ("options", "message"),
     [
         (dict(method="visionzipp"), "unknown visual-token operator"),
-        (dict(method="pool", keep=0.0), "keep must be in"),
+        (dict(method="pool", keep=0.0), "keep must be a number in"),
         (dict(method="fastv", layer=9), "layer must be in 1..3"),
         (dict(method="pool", layer=2), "takes no layer"),
         (dict(method=["pool", "random"]), "one boundary operator"),

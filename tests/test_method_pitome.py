@@ -1,5 +1,6 @@
 import itertools
 import math
+import typing
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import tokenfuse
 from tokenfuse.core import Tokens, reduce
 from tokenfuse.core import schedule as sched
 from tokenfuse.methods import LayerInput, make
-from tokenfuse.methods.pitome import KERNELS, depth_margin, energy, layer_schedule
+from tokenfuse.methods.pitome import Kernel, depth_margin, energy, layer_schedule
 
 DEFAULT = make("pitome").kernel
 
@@ -57,7 +58,9 @@ def test_high_energy_tokens_are_those_of_the_largest_cluster():
     perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
     metric = F.normalize(torch.cat(groups)[perm], dim=-1)[None]
     movable = torch.ones(1, 11, dtype=torch.bool)
-    for margin, kernel in itertools.product((depth_margin(1, 6), depth_margin(6, 6), 0.0), KERNELS):
+    for margin, kernel in itertools.product(
+        (depth_margin(1, 6), depth_margin(6, 6), 0.0), typing.get_args(Kernel)
+    ):
         score = energy(metric @ metric.transpose(1, 2), movable, margin, kernel)[0]
         ranked = labels[perm][score.argsort(descending=True)]
         assert ranked.tolist() == sorted(labels.tolist())  # cluster by cluster, largest first
@@ -85,7 +88,7 @@ def gaussian(cos, margin):
 KERNEL_OF = {"elu": lambda cos, margin: F.elu(cos - margin), "gaussian": gaussian}
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", typing.get_args(Kernel))
 def test_energy_counts_only_the_sequences_own_movable_tokens(kernel):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 7, 8, generator=g)
@@ -168,6 +171,8 @@ def test_options_are_recorded():
         "schedule": None,
         "min_tokens": None,
         "prop_attn": True,
+        "track_source": False,
+        "static": False,
         "margin": 0.4,
         "alpha": 2.0,
         "references": 64,

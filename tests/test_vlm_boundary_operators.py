@@ -168,12 +168,12 @@ def test_vtc_cls_rejects_a_start_layer_outside_the_tower():
     inp = random_input([8], 8, 0.25, op)
     with pytest.raises(ValueError, match="start_layer 9 is outside"):
         op.decide(inp)
-    with pytest.raises(TypeError, match="start_layer must be an int"):
+    with pytest.raises(ValueError, match="start_layer must be a whole number"):
         make("vtc-cls", kind="visual", start_layer=True)
 
 
 def test_visionzip_rejects_a_contextual_share_outside_zero_one():
-    with pytest.raises(ValueError, match="contextual must be in"):
+    with pytest.raises(ValueError, match=r"contextual must be a number in \[0, 1\]"):
         make("visionzip", kind="visual", contextual=1.5)
 
 

@@ -15,6 +15,7 @@ from ..core import Tokens, unmerge
 from ..core.config import check_fitted_on, load_config
 from ..core.schedule import LayerCountError
 from ..methods import Method, available, make
+from ..methods.options import declared
 
 _ATTR = "_tokenfuse_patch"
 
@@ -40,9 +41,10 @@ def apply(
     (those it records, the others at their defaults), the schedule and so the work, and a
     classifier's temperature if one was fitted (for the model it was fitted on only). Giving any of
     these beside it is an error, since one of the two would be dropped; options that change no
-    decision (track_source) may be added. To vary a configuration, pass its parts instead:
-    apply(model, c["method"], schedule=c["schedule"], **c["options"], ...). temperature: divide a
-    classifier's logits by it, to restore the confidence calibration that fewer tokens change.
+    decision (track_source, static: `Option.decides`) may be added. To vary a configuration, pass
+    its parts instead: apply(model, c["method"], schedule=c["schedule"], **c["options"], ...).
+    temperature: divide a classifier's logits by it, to restore the confidence calibration that
+    fewer tokens change.
     protect_ids: token ids never merged or removed, besides the first and last token ([CLS],
     [SEP]). Other options go to the method (`tokenfuse methods` lists them). Applying again
     replaces the previous method.
@@ -141,8 +143,9 @@ def _configured(
 ) -> dict[str, Any]:
     """The method options a configuration sets, with the caller's additions; an error naming both
     sides for anything the caller gave that the configuration already sets."""
-    defined = make(config["method"], **config["options"], schedule=config["schedule"]).options()
-    sets = {"method": config["method"], **defined}
+    made = make(config["method"], **config["options"], schedule=config["schedule"])
+    decisive = {name for name, option in declared(type(made)).items() if option.spec.decides}
+    sets = {"method": config["method"], **{k: v for k, v in made.options().items() if k in decisive}}
     if "temperature" in config:
         sets["temperature"] = config["temperature"]
     named = {"method": method, "keep": keep, "temperature": temperature}

@@ -14,6 +14,9 @@ input keeps more than the budget. The reference code samples a fixed number of p
 instead. [CLS], [SEP] and caller ids are never candidates, and a sequence asked to lose nothing
 keeps everything (so it is reduced the same alone or in a batch). On a mean-pooled text encoder
 the [CLS] row is only a proxy for what the pooled output needs, and dropped tokens leave the mean.
+
+Why the defaults: ATS has no options of its own; the budget and schedule are the engine's, as for
+every method (half the work, a geometric schedule).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..core import Reduction, Tokens, attention_probs
 from ..core import schedule as sched
+from .options import Option, declared, resolve
 
 
 @dataclass(frozen=True)
@@ -93,52 +94,45 @@ class Method:
     #: inputs that exist only after a layer's attention, so not at the embeddings
     ATTENTION_INPUTS = frozenset({"keys", "cls_attention", "attention", "values"})
 
-    def __init__(
-        self,
-        keep: float | None = None,
-        schedule: Sequence[float] | None = None,
-        prop_attn: bool = True,
-        track_source: bool = False,
-        static: bool = False,
-        min_tokens: int | None = None,
-    ) -> None:
-        """keep: the fraction of token-layer work kept, 0.5 unless a schedule is given. schedule: the
-        fraction of tokens left after each reduction point (core.schedule); it fixes the work, so a
-        keep beside it must equal that work. static: lay every reduced batch out at a width known
-        from its padded length alone (ceil(length * the schedule's fraction), plus the tokens every
-        sequence protects, at most the length), so that the engine
-        reads nothing back from the tensors (torch.compile, export); each sequence is reduced as
-        without it, and the result is the same up to padding columns. min_tokens: no reduction
-        point takes a sequence below this many real tokens (shorter ones keep all theirs), since
-        short inputs lose most by merging and gain least; None: the adapter's default (text
-        encoders: `adapters.hf_text.MIN_TOKENS`, images: 0), 0 turns the floor off."""
-        if schedule is None:
-            self.schedule = None
-            self.keep = sched.check_keep(0.5 if keep is None else keep)
-        else:
-            self.schedule = sched.check_fractions(schedule)
-            self.keep = sched.work(self.schedule)
-            if keep is not None and abs(sched.check_keep(keep) - self.keep) > sched.WORK_TOLERANCE:
+    keep: float = Option(0.5, "the fraction of token-layer work kept", "(0, 1]")
+    schedule: Sequence[float] | None = Option(None, "fraction of tokens left after each reduction point")
+    prop_attn: bool = Option(True, "proportional attention: log size added to the attention logits")
+    track_source: bool = Option(False, "track which input tokens each token holds", decides=False)
+    static: bool = Option(False, "reduced widths known from the padded length alone", decides=False)
+    min_tokens: int | None = Option(None, "no point takes a sequence below this many tokens", "[0, inf)")
+
+    def __init__(self, **options: Any) -> None:
+        """Options as declared above (`tokenfuse methods` lists every method's). keep: 0.5 unless a
+        schedule is given (keep=None: the same). schedule: the fraction of tokens left after each
+        reduction point (core.schedule); it fixes the work, so a keep beside it must equal that
+        work. static: lay every reduced batch out at a width known from its padded length alone
+        (ceil(length * the schedule's fraction), plus the tokens every sequence protects, at most
+        the length), so that the engine reads nothing back from the tensors (torch.compile,
+        export); each sequence is reduced as without it, the same up to padding columns.
+        min_tokens: no reduction point takes a sequence below this many real tokens (shorter ones
+        keep all theirs), since short inputs lose most by merging and gain least; None: the
+        adapter's default (text encoders: `adapters.hf_text.MIN_TOKENS`, images: 0), 0: no floor."""
+        if options.get("keep", 0) is None:
+            del options["keep"]
+        given = "keep" in options
+        if given:
+            sched.check_keep(options["keep"])  # its own message: what a keep is, with an example
+        for name, value in resolve(type(self), options).items():
+            setattr(self, name, value)
+        if self.schedule is not None:
+            self.schedule = sched.check_fractions(self.schedule)
+            work = sched.work(self.schedule)
+            if given and abs(self.keep - work) > sched.WORK_TOLERANCE:
                 raise ValueError(
-                    f"keep {keep} was given beside a schedule whose work is {self.keep:.6g}: a schedule "
+                    f"keep {self.keep} was given beside a schedule whose work is {work:.6g}: a schedule "
                     "fixes the work, so give one of them (the keep for a constant-ratio schedule)"
                 )
-        self.prop_attn = prop_attn
-        self.track_source = track_source
-        if static and self.adaptive:
+            self.keep = work
+        if self.static and self.adaptive:
             raise ValueError(
                 f"{self.name} removes a number of tokens that depends on each input, so its reduced "
                 "width is not known in advance: static=True needs a method that follows the schedule"
             )
-        self.static = bool(static)
-        if min_tokens is not None and (
-            isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0
-        ):
-            raise ValueError(
-                f"min_tokens must be a whole number of tokens >= 0 (0: no floor) or None (the "
-                f"model's default), got {min_tokens!r}"
-            )
-        self.min_tokens = min_tokens
 
     def schedule_for(self, num_layers: int) -> list[float]:
         """Fraction of original tokens left after each of the num_layers + 1 reduction points."""
@@ -157,13 +151,8 @@ class Method:
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
-        """The settings that define this method instance (recorded in results)."""
-        return {
-            "keep": self.keep,
-            "schedule": self.schedule,
-            "prop_attn": self.prop_attn,
-            "min_tokens": self.min_tokens,
-        }
+        """The settings that define this method instance, every declared option (recorded in results)."""
+        return {name: getattr(self, name) for name in declared(type(self))}
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items() if v is not None)

@@ -13,6 +13,9 @@ total), so that an untrained model sees it at the scale of its other tokens; eac
 counts by the attention it received, which with proportional attention already includes its
 size, so size is not counted twice. The step keeps exactly count - remove tokens, the fused
 one included, where the paper keeps a fixed ratio plus the fused token.
+
+Why the defaults: EViT has no options of its own; the budget and schedule are the engine's, as for
+every method (half the work, a geometric schedule).
 """
 
 from __future__ import annotations

@@ -27,12 +27,14 @@ reduction's shares, so the engine's size-weighted average gives the last round's
 (tokens at alpha stand for one input token each). Centres the code would leave at zero (a
 cluster no token joins) do not survive here. A batch holds images of one size (one pixel tensor),
 each image clustered on its own.
+
+Why the defaults: they are the authors' own Segmenter ViT-L/16 setting, with alpha and the budget
+scaled to the model's depth, so that a user gets what the paper ran unless they choose otherwise.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ from torch import Tensor
 from ..core import Reduction
 from ..core import schedule as sched
 from .base import LayerInput, Method
+from .options import Option
 from .registry import register
 
 #: the code's Segmenter ViT-L/16 setting: clustering after layer 10 of 24, 28 x 28 of 40 x 40 patches
@@ -122,53 +125,35 @@ class Expedite(Method):
     )
     needs = frozenset({"hidden", "grid"})
 
-    def __init__(
-        self,
-        alpha: int | None = None,
-        grid: Sequence[int] | None = None,
-        iterations: int = 5,
-        cluster_temperature: float = 0.02,
-        window: int = 5,
-        k: int = 20,
-        rebuild_temperature: float = 0.02,
-        keep: float | None = None,
-        schedule: Sequence[float] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """alpha: the reduction point (layers run whole before it) where tokens are clustered; None:
-        10 / 24 of the model's depth. grid: a fixed cluster grid (h, w) for every image, instead of
-        the budget's count. iterations, cluster_temperature, window: the soft k-means rounds, the
-        factor on the squared distance, the side of the window of clusters a token may join. k,
-        rebuild_temperature: the reconstruction's clusters per token and factor."""
-        if keep is None and schedule is None:
-            keep = PAPER_KEEP
-        super().__init__(keep=keep, schedule=schedule, **kwargs)
-        for option, value, least in (("alpha", alpha, 0), ("iterations", iterations, 1), ("k", k, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-                raise ValueError(f"{option} must be a whole number >= {least}, got {value!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+    keep: float = Method.keep.but(PAPER_KEEP)  # the work of the paper's ViT-L setting
+    alpha: int | None = Option(
+        None, "the point tokens are clustered at; None: 10/24 of the depth", "[0, inf)"
+    )
+    grid: tuple[int, int] | None = Option(None, "a fixed cluster grid (rows, columns); None: from keep")
+    iterations: int = Option(5, "soft k-means rounds", "[1, inf)")
+    cluster_temperature: float = Option(0.02, "factor on the k-means squared distance", "(0, inf)")
+    window: int = Option(5, "side of the window of clusters a token may join, odd", "[1, inf)")
+    k: int = Option(20, "clusters each token is rebuilt from", "[1, inf)")
+    rebuild_temperature: float = Option(0.02, "factor on the reconstruction's squared distance", "(0, inf)")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.window % 2 == 0:
             raise ValueError(
-                f"window must be an odd whole number of cells (5: two either side), got {window!r}"
+                f"window must be an odd whole number of cells (5: two either side), got {self.window!r}"
             )
-        for option, value in (
-            ("cluster_temperature", cluster_temperature),
-            ("rebuild_temperature", rebuild_temperature),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{option} must be a number > 0, got {value!r}")
-        if grid is not None:
-            grid = tuple(grid)
-            if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
-                raise ValueError(f"grid must be two whole numbers of clusters (rows, columns), got {grid!r}")
+        if self.grid is not None:
+            if len(self.grid) != 2 or any(
+                isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in self.grid
+            ):
+                raise ValueError(
+                    f"grid must be two whole numbers of clusters (rows, columns), got {self.grid!r}"
+                )
             if self.static:
                 raise ValueError(
                     "a fixed grid sets the cluster count whatever the schedule asks, so static mode cannot "
                     "know the reduced width: give keep instead of grid, or static=False"
                 )
-        self.alpha, self.grid = alpha, grid
-        self.iterations, self.cluster_temperature = iterations, float(cluster_temperature)
-        self.window = window
-        self.k, self.rebuild_temperature = k, float(rebuild_temperature)
 
     def point(self, num_layers: int) -> int:
         """The reduction point where tokens are clustered on a model of num_layers layers."""
@@ -235,15 +220,3 @@ class Expedite(Method):
             rebuild[:, :prefix, :prefix] = torch.eye(prefix, device=x.device)
             rebuild[:, prefix:, slot] = reconstruction(patches, centres, self.k, self.rebuild_temperature)
         return Reduction(torch.cat([kept, into], 1), share, rebuild=rebuild)
-
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "alpha": self.alpha,
-            "grid": self.grid,
-            "iterations": self.iterations,
-            "cluster_temperature": self.cluster_temperature,
-            "window": self.window,
-            "k": self.k,
-            "rebuild_temperature": self.rebuild_temperature,
-        }

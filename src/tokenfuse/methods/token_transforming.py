@@ -7,21 +7,22 @@ less is lost and no retraining is needed. Faithful: kept tokens are targets and 
 removed token is spread over its `k` most similar targets (cosine) with shares softmax(similarity /
 temperature) over those k, summing to 1 (sizes conserved); a target becomes the size-weighted
 average of what it holds. `targets="attention"` keeps the tokens [CLS] attends to most (averaged
-over heads) as the paper's informative tokens. Deviations: the reference repository publishes no
-code, so top-k sparsity and temperature are tokenfuse's reading of the paper. By default
-(`targets="matching"`) the removed tokens are those ToMe's bipartite matching would merge, each
-spread over its k most similar B-tokens; with k = 1 or temperature 0 this is ToMe exactly. On a
-mean-pooled text encoder (all-MiniLM-L6-v2, 200 BBC News documents, max length 256, keep 0.5) the
-cosine to the full model's embeddings is 0.927 with matching against 0.904 with [CLS] attention,
-0.927 on hidden states against 0.743 on keys, and falls as shares soften (0.928 at temperature
-0.01, 0.925 at 0.05; ToMe 0.929): so hidden states, k = 2 and temperature 0.02 are the defaults,
-where a removed token sends on average a tenth of itself to its second target. Similarity costs
-as ToMe's A x B matrix (matching) or O(r * N * D) from the r removed tokens (attention).
+over heads) as the paper's informative tokens.
+
+Deviations: the authors' repository publishes no code (a README and a licence), so top-k sparsity and
+the temperature are tokenfuse's reading of the paper. By default (`targets="matching"`) the removed
+tokens are those ToMe's bipartite matching would merge, each spread over its k most similar
+B-tokens; with k = 1 or temperature 0 this is ToMe exactly. Similarity costs as ToMe's A x B matrix
+(matching) or O(r * N * D) from the r removed tokens (attention).
+
+Why the defaults: on a mean-pooled text encoder matching beats [CLS]-attention targets, hidden states
+beat keys, and agreement with the full model falls as shares soften, so k = 2 at a low temperature
+spreads only a small part of each token (README, "Why the defaults").
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -29,10 +30,8 @@ from torch import Tensor
 from ..core import Reduction
 from ..core.matching import alternate, alternate_scores, bipartite_merge
 from .base import LayerInput, Method
+from .options import Option
 from .registry import register
-
-SIMILARITIES = ("hidden", "keys")
-TARGETS = ("matching", "attention")
 
 
 def _shares(scores: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
@@ -66,30 +65,17 @@ class TokenTransforming(Method):
         "for Vision Transformer Acceleration, arXiv 2025"
     )
 
-    def __init__(
-        self,
-        k: int = 2,
-        temperature: float = 0.02,
-        similarity: str = "hidden",
-        targets: str = "matching",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k (targets per removed token) must be a positive integer, got {k!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = one-hot), got {temperature!r}")
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-        if targets not in TARGETS:
-            raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
-        self.k = k
-        self.temperature = float(temperature)
-        self.similarity = similarity
-        self.targets = targets
-        self.needs = frozenset({similarity} | ({"cls_attention"} if targets == "attention" else set()))
+    k: int = Option(2, "targets per removed token", "[1, inf)")
+    temperature: float = Option(0.02, "softness of the shares; 0: one-hot", "[0, inf)")
+    similarity: Literal["hidden", "keys"] = Option("hidden", "what tokens are compared on")
+    targets: Literal["matching", "attention"] = Option("matching", "which tokens stay as targets")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        attention = {"cls_attention"} if self.targets == "attention" else set()
+        self.needs = frozenset({self.similarity} | attention)
         # Matching removes at most one token per A-token; attention targets all but one token.
-        self.max_removal = 0.5 if targets == "matching" else 1.0
+        self.max_removal = 0.5 if self.targets == "matching" else 1.0
 
     def decide(self, inp: LayerInput) -> Reduction:
         metric = inp.keys() if self.similarity == "keys" else inp.x
@@ -135,12 +121,3 @@ class TokenTransforming(Method):
         dest.scatter_(1, rows, torch.where(is_source[..., None], index, dest.gather(1, rows)))
         share.scatter_(1, rows, torch.where(is_source[..., None], weight, share.gather(1, rows)))
         return Reduction(dest, share)
-
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "k": self.k,
-            "temperature": self.temperature,
-            "similarity": self.similarity,
-            "targets": self.targets,
-        }

@@ -12,15 +12,14 @@ one-iteration pre-ranking splits the movable tokens into the less important half
 (B); the S-stage drops the A-tokens whose best cosine match in B is highest (dropped, not merged);
 then the I-stage reruns PageRank on the graph of the tokens left and drops the least important.
 Keys (averaged over heads) are the similarity, as the paper chose by ablation; the hidden states
-(`similarity="hidden"`, what tokenfuse's ToMe defaults to) do as well on a mean-pooled encoder
-(all-MiniLM-L6-v2, BBC News, keep 0.5: cosine to the full embeddings 0.866 either way).
+(`similarity="hidden"`, what tokenfuse's ToMe defaults to) are an option.
 Deviations: the initial score is uniform (the paper's "Zero-TPrune-uni"): the paper's default gives
 [CLS] sqrt(N) times the start score, which serves a [CLS] classifier, not a mean-pooled encoder.
 [CLS], [SEP] and caller-protected tokens vote and receive votes but are never candidates, on either
-side of the S-stage. The stages share each step's budget: `similar_fraction` of it (default 0.5,
-the best of 0, 0.25, 0.5, 0.75 and 1 on MiniLM/BBC) goes to the S-stage, at most the size of A,
-and the I-stage removes the rest, so each sequence loses exactly what the schedule asks. In the
-I-stage each query's attention is renormalised over the tokens left, as the softmax would be. The
+side of the S-stage. The stages share each step's budget: `similar_fraction` of it goes to the
+S-stage, at most the size of A, and the I-stage removes the rest, so each sequence loses exactly
+what the schedule asks. In the I-stage each query's attention is renormalised over the tokens left,
+as the softmax would be. The
 paper does not say on what scale the filter's variance band applies; here it is the variance of
 N times the scores (1 = uniform), so on text most heads of the later layers, which pile their
 score on [CLS] and [SEP], fall outside it and all heads count there.
@@ -29,11 +28,15 @@ ranking equal the first author's earlier course-project code (Hongjiew/Transform
 has no S-stage, head filter or per-depth iteration budget (tests/test_authors_token_methods.py).
 Cost: PageRank reads the full (B, H, N, N) attention map once per iteration, O(H N^2) each, on top
 of the O(H N^2 D) of recomputing the map; the scoring is inherently quadratic in N.
+
+Why the defaults: keys as the paper chose (hidden states do as well on a mean-pooled encoder), and
+an even split of the budget between the stages, the best of the splits tried on text (README, "Why
+the defaults").
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -41,9 +44,9 @@ from torch import Tensor
 from ..core import Reduction
 from ..core.matching import ranks
 from .base import LayerInput, Method
+from .options import Option
 from .registry import register
 
-SIMILARITIES = ("keys", "hidden")
 #: the variance-based head filter's band, on scores relative to uniform (paper: [0.01, 0.7])
 HEAD_VARIANCE = (0.01, 0.7)
 #: PageRank stops for a sequence once no score moves by more than this, relative to uniform
@@ -101,30 +104,13 @@ class ZeroTPrune(Method):
     needs = frozenset({"attention"})
     prunes = True
 
-    def __init__(
-        self,
-        similarity: str = "keys",
-        similar_fraction: float = 0.5,
-        iterations: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-        if isinstance(similar_fraction, bool) or not isinstance(similar_fraction, int | float):
-            raise ValueError(f"similar_fraction must be a number in [0, 1], got {similar_fraction!r}")
-        if not 0.0 <= similar_fraction <= 1.0:
-            raise ValueError(f"similar_fraction must be in [0, 1], got {similar_fraction!r}")
-        if iterations is not None and (
-            isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1
-        ):
-            raise ValueError(
-                f"iterations must be a positive integer or None (the paper's), got {iterations!r}"
-            )
-        self.similarity = similarity
-        self.similar_fraction = float(similar_fraction)
-        self.iterations = iterations
-        self.needs = frozenset({"attention"} if similarity == "keys" else {"attention", "hidden"})
+    similarity: Literal["keys", "hidden"] = Option("keys", "what the S-stage compares tokens on")
+    similar_fraction: float = Option(0.5, "share of each step's budget the S-stage removes", "[0, 1]")
+    iterations: int | None = Option(None, "PageRank iterations; None: the paper's per depth", "[1, inf)")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.needs = frozenset({"attention"} if self.similarity == "keys" else {"attention", "hidden"})
 
     def decide(self, inp: LayerInput) -> Reduction:
         tokens = inp.tokens
@@ -171,11 +157,3 @@ class ZeroTPrune(Method):
         _, rank = ranks(best.float(), descending=True)
         chosen = (rank < n_similar[:, None]) & (best > -torch.inf)
         return dropped.scatter_(1, order[:, :a_width], chosen)
-
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "similarity": self.similarity,
-            "similar_fraction": self.similar_fraction,
-            "iterations": self.iterations,
-        }

@@ -22,6 +22,9 @@ question tokens pay each token, mean over heads and over question tokens; the re
 PageRank (five iterations, temperature 0.1, RMS over heads) over the layer's whole attention map,
 which the SDPA host never materialises; the mean over question rows is one step of that walk
 restricted to the text queries.
+
+Why the defaults: "aim" keeps 0.25, the reference's 576 -> 144 after two rounds; "aim-prune"'s
+schedule is the reference's, scaled to the LLM's depth.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from ...core import Reduction, Tokens, reduce
 from ...core.matching import alternate_scores, bipartite_merge
 from ...core.reduce import survivors
+from ..options import Option
 from ..registry import register
 from .base import VisualInput, VisualMethod, prune_to, question_attention, top_keep
 
@@ -77,13 +81,14 @@ class AimPrune(VisualMethod):
     prunes = True
     needs = frozenset({"text_attention"})
 
-    def __init__(self, keep: float = 1 / 576, layer: int = 16, end: int = 24) -> None:
-        """layer: the first layer entered with fewer visual tokens; end: the layer from which only
-        `keep` of them are left (the schedule's steps fall in layer..end)."""
-        super().__init__(keep, layer)
-        if isinstance(end, bool) or not isinstance(end, int) or end < layer:
-            raise ValueError(f"aim-prune: end must be an int >= layer ({layer}), got {end!r}")
-        self.end = end
+    keep: float = VisualMethod.keep.but(1 / 576)  # one of LLaVA's 576: the paper's 0, at least one
+    layer: int = Option(16, "the LLM layer entered reduced", "[1, inf)")
+    end: int = Option(24, "the layer from which only keep of them are left", "[1, inf)")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.end < self.layer:
+            raise ValueError(f"aim-prune: end must be an int >= layer ({self.layer}), got {self.end!r}")
 
     def stages(self) -> list[tuple[int, float]]:
         steps = self.end - self.layer + 1
@@ -94,6 +99,3 @@ class AimPrune(VisualMethod):
 
     def decide(self, inp: VisualInput) -> Reduction:
         return prune_to(top_keep(question_attention(inp), inp), inp)
-
-    def options(self) -> dict[str, Any]:
-        return super().options() | {"end": self.end}

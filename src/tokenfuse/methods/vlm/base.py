@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ...core import Reduction, Tokens
 from ...core.matching import ranks
+from ..options import Option, declared, resolve
 
 Placement = Literal["boundary", "llm"]
 
@@ -89,24 +90,20 @@ class VisualMethod:
     )
     LLM_INPUTS = frozenset({"text_attention", "last_attention"})
 
-    def __init__(self, keep: float = 0.25, layer: int | None = None) -> None:
-        """keep: the fraction of each image's visual tokens kept (in the LLM: from `layer` on).
-        layer: (LLM placement) the decoder layer the reduced sequence enters; reduction happens after
-        layer - 1, so layers 0..layer-1 see every token."""
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep must be in (0, 1], the fraction of visual tokens kept; got {keep}")
-        self.keep = float(keep)
+    keep: float = Option(0.25, "the fraction of each image's visual tokens kept", "(0, 1]")
+
+    def __init__(self, **options: Any) -> None:
+        """Options as declared (`tokenfuse methods --visual`): keep, and for an operator in the LLM
+        `layer`, the decoder layer the reduced sequence enters (reduction happens after layer - 1,
+        so layers 0..layer-1 see every token)."""
+        if self.placement == "boundary" and "layer" in options:
+            raise ValueError(f"{self.name} reduces at the vision-to-LLM boundary and takes no layer")
+        for name, value in resolve(type(self), options).items():
+            setattr(self, name, value)
+        self.layer: int | None = getattr(self, "layer", None)
         wrong = self.needs - (self.BOUNDARY_INPUTS if self.placement == "boundary" else self.LLM_INPUTS)
         if wrong:
             raise TypeError(f"{self.name}: a {self.placement} operator cannot read {sorted(wrong)}")
-        if self.placement == "llm":
-            if layer is None or isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-                raise ValueError(
-                    f"{self.name}: layer must be an int >= 1 (the LLM layer entered reduced), got {layer}"
-                )
-        elif layer is not None:
-            raise ValueError(f"{self.name} reduces at the vision-to-LLM boundary and takes no layer")
-        self.layer = layer
 
     def stages(self) -> list[tuple[int, float]]:
         """(LLM layer entered reduced, fraction of the visual tokens kept from there on), in layer order:
@@ -133,8 +130,8 @@ class VisualMethod:
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"keep": self.keep}
-        return out if self.layer is None else out | {"layer": self.layer}
+        """Every declared option's value (recorded in results)."""
+        return {name: getattr(self, name) for name in declared(type(self))}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"

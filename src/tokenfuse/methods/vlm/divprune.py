@@ -11,6 +11,8 @@ of 576 keeps 56 there, 57 here; keep=56/576 gives 56); it prunes row 0 of a batc
 image of a batch alike. A token once selected is never selected again (in the reference, exact
 duplicates can tie with a selected token's own distance and be picked twice, keeping fewer). Distances
 are computed in float32.
+
+Why the defaults: keep 0.25, 144 of LLaVA-1.5's 576 tokens, a budget its paper reports among others.
 """
 
 from __future__ import annotations

@@ -7,11 +7,14 @@ the kept tokens are unchanged. Deviation: the scores come from the layer's own q
 recomputed for the last row only (the reference runs that layer with eager attention to read the whole
 map); the ranking is the same. The KV cache holds the reduced prefix for decoding, as in the paper's
 inference setting.
+
+Why the defaults: they are the paper's headline setting, K = 2 and R = 50%.
 """
 
 from __future__ import annotations
 
 from ...core import Reduction
+from ..options import Option
 from ..registry import register
 from .base import VisualInput, VisualMethod, prune_to, top_keep
 
@@ -24,8 +27,8 @@ class FastV(VisualMethod):
     prunes = True
     needs = frozenset({"last_attention"})
 
-    def __init__(self, keep: float = 0.5, layer: int = 2) -> None:
-        super().__init__(keep, layer)
+    keep: float = VisualMethod.keep.but(0.5)
+    layer: int = Option(2, "the LLM layer entered reduced", "[1, inf)")
 
     def decide(self, inp: VisualInput) -> Reduction:
         return prune_to(top_keep(inp.last_attention, inp), inp)

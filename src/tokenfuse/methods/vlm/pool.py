@@ -4,6 +4,9 @@
 Each patch goes whole to the cell holding its centre, so where the grid does not divide evenly (12 rows
 into 8) cells hold one or two rows: a partition, not the overlapping windows of `adaptive_avg_pool2d`.
 The merged token is the plain mean of its patches, in raster order of the cells.
+
+Why the defaults: keep 0.25 (144 of LLaVA-1.5's 576 tokens), the operators' shared default, so a
+baseline runs at the budget of the operators it is compared with.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ stage). The cluster count comes from the net reduction of the stage (the referen
 kept count, without the clusters). Ties break by position (the reference adds 1e-6 noise to the
 densities). The default layers are the reference's for its 32-layer LLM, unscaled on the 30-layer
 one here.
+
+Why the defaults: the reference's budget of 192 and its layers, so that a user gets the paper's
+setting unless they choose otherwise.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import Tensor
 
 from ...core import Reduction
 from ...core.matching import ranks
+from ..options import Option
 from ..registry import register
 from .base import VisualInput, VisualMethod, merge_into, question_attention, top_count
 
@@ -57,20 +61,22 @@ class SparseVLM(VisualMethod):
     prunes = True
     needs = frozenset({"text_attention"})
 
-    def __init__(self, keep: float = 192 / 576, layers: tuple[int, int, int] = (3, 7, 16)) -> None:
-        """keep: the budget, as a fraction of the visual tokens; layers: the three layers entered
-        reduced."""
-        layers = tuple(layers)
+    keep: float = VisualMethod.keep.but(192 / 576)  # the reference's budget, 192 of 576
+    layers: tuple[int, int, int] = Option((3, 7, 16), "the three LLM layers entered reduced")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         if (
-            len(layers) != 3
-            or any(isinstance(n, bool) or not isinstance(n, int) for n in layers)
-            or list(layers) != sorted(set(layers))
+            len(self.layers) != 3
+            or any(isinstance(n, bool) or not isinstance(n, int) for n in self.layers)
+            or list(self.layers) != sorted(set(self.layers))
+            or self.layers[0] < 1
         ):
             raise ValueError(
-                f"sparsevlm: layers must be three increasing ints (the reference's 3, 7, 16), got {layers!r}"
+                "sparsevlm: layers must be three increasing ints >= 1 (the reference's 3, 7, 16), got "
+                f"{self.layers!r}"
             )
-        super().__init__(keep, layers[0])
-        self.layers = layers
+        self.layer = self.layers[0]
 
     def stages(self) -> list[tuple[int, float]]:
         at = self.keep * 576
@@ -96,9 +102,6 @@ class SparseVLM(VisualMethod):
         recycled = top_count(score, pruned, recycled_n)
         centres, target = density_peaks(inp.x, recycled, clusters)
         return merge_into(kept | centres, torch.where(recycled, target, -1), inp)
-
-    def options(self) -> dict[str, Any]:
-        return {"keep": self.keep, "layers": self.layers}
 
 
 def density_peaks(x: Tensor, members: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,9 @@ engine's merge, merge="weighted", the default until a quality run compares the t
 gives the reference's target + the plain mean of the tokens merged into it, a sum no average gives
 (Reduction.gain doubles the equal-weight average of the target and that mean). Tokens stay in patch
 order; order="reference" lays them out as the reference does, dominant tokens first.
+
+Why the defaults: the paper's 54 + 10 split; merge="weighted" keeps a merged token at the scale of
+the tokens it stands for, and stays until a quality run compares it with "authors".
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core import Reduction
-from ...core.matching import check_order
+from ..options import Option
 from ..registry import register
 from .base import VisualInput, VisualMethod, merge_into, top_keep
 
@@ -37,30 +40,9 @@ class VisionZip(VisualMethod):
     placement = "boundary"
     needs = frozenset({"cls_attention", "keys"})
 
-    def __init__(
-        self,
-        keep: float = 0.25,
-        contextual: float = 10 / 64,
-        order: Literal["original", "reference"] = "original",
-        merge: Literal["weighted", "authors"] = "weighted",
-    ) -> None:
-        """contextual: the share of each image's kept tokens that are contextual (merged) tokens, rounded
-        half up (10/64: the paper's 54 + 10 for 64 kept). order: "original" keeps patch order;
-        "reference" puts the dominant tokens first, then the contextual ones, each in patch order.
-        merge: "weighted" averages a target and its tokens by size; "authors" adds their plain mean to
-        the target, as the reference code."""
-        super().__init__(keep)
-        if not 0.0 <= contextual <= 1.0:
-            raise ValueError(
-                f"contextual must be in [0, 1], the share of kept tokens merged; got {contextual}"
-            )
-        self.contextual = float(contextual)
-        self.order = check_order(order)
-        if merge not in ("weighted", "authors"):
-            raise ValueError(
-                f'merge must be "weighted" or "authors" (the reference\'s target + mean), got {merge!r}'
-            )
-        self.merge = merge
+    contextual: float = Option(10 / 64, "share of the kept tokens that are merged targets", "[0, 1]")
+    order: Literal["original", "reference"] = Option("original", "patch order, or dominant tokens first")
+    merge: Literal["weighted", "authors"] = Option("weighted", "size-weighted average, or target + mean")
 
     def decide(self, inp: VisualInput) -> Reduction:
         contextual = torch.floor(inp.keep.double() * self.contextual + 0.5).long()
@@ -83,6 +65,3 @@ class VisionZip(VisualMethod):
             return red
         layout = torch.arange(rest.shape[1], device=rest.device) + rest.shape[1] * rest
         return dataclasses.replace(red, order=layout)
-
-    def options(self) -> dict:
-        return super().options() | {"contextual": self.contextual, "order": self.order, "merge": self.merge}

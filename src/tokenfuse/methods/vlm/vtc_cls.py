@@ -8,11 +8,15 @@ default start layer 16 on LLaVA-1.5's CLIP ViT-L/14 (layers 16 to 22, its select
 the layer mean here ranks as the reference's sum; ties go to the earlier token (the reference's topk
 leaves them unspecified). The reference's CLI takes the start layer as an absolute index; here a
 negative one counts back from the selected layer, so the default carries to towers of other depths.
+
+Why the defaults: keep 0.25 as the other operators; start_layer -7 is the reference's own default
+on LLaVA-1.5's tower.
 """
 
 from __future__ import annotations
 
 from ...core import Reduction
+from ..options import Option
 from ..registry import register
 from .base import VisualInput, VisualMethod, prune_to, top_keep
 
@@ -27,13 +31,9 @@ class VTCCLS(VisualMethod):
     prunes = True
     needs = frozenset({"cls_attention_layers"})
 
-    def __init__(self, keep: float = 0.25, start_layer: int = -7) -> None:
-        """start_layer: the first tower layer of the ensemble (0 = the first layer; negative counts back,
-        -1 = the selected layer alone); every layer from it to the selected one is averaged."""
-        super().__init__(keep)
-        if isinstance(start_layer, bool) or not isinstance(start_layer, int):
-            raise TypeError(f"start_layer must be an int (a tower layer index), got {start_layer!r}")
-        self.start_layer = start_layer
+    #: the first tower layer of the ensemble (0 = the first layer; negative counts back, -1 = the
+    #: selected layer alone); every layer from it to the selected one is averaged
+    start_layer: int = Option(-7, "the ensemble's first tower layer; negative counts back")
 
     def check(self, tower_layers: int) -> None:
         if not -tower_layers <= self.start_layer < tower_layers:
@@ -46,6 +46,3 @@ class VTCCLS(VisualMethod):
         self.check(inp.cls_attention_layers.shape[1])
         score = inp.cls_attention_layers[:, self.start_layer :].float().mean(1)
         return prune_to(top_keep(score, inp), inp)
-
-    def options(self) -> dict:
-        return super().options() | {"start_layer": self.start_layer}
