@@ -3,14 +3,15 @@ titles and formats are `eval.columns`, which the HTML report shares."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from ..eval.columns import COLUMNS, text
 from ..eval.measure import Config
 from ..methods import available
+from ..methods.options import declared
 from ..methods.registry import Kind
 
 CAPTION = (
@@ -152,16 +153,8 @@ def methods_table(kind: Kind = "token") -> Table:
     ):
         out.add_column(title)
     for name, cls in available(kind).items():
-        defaults = {}  # the subclass's default wins over a base class's
-        for klass in cls.__mro__[:-1]:
-            if "__init__" in vars(klass):
-                for p in inspect.signature(klass.__init__).parameters.values():
-                    if p.default is not inspect.Parameter.empty:
-                        defaults.setdefault(p.name, p.default)
-        if getattr(cls, "placement", None) == "boundary":
-            defaults.pop("layer", None)
-        params = [f"{name}={value!r}" for name, value in defaults.items()]
+        params = [f"{o.name}: {o.type_name} = {o.spec.default!r}" for o in declared(cls).values()]
         needs = ", ".join(sorted(cls().needs)) or "-"
         where = () if kind == "token" else (cls.placement,)
-        out.add_row(name, *where, cls.paper, needs, ", ".join(params))
+        out.add_row(name, *where, cls.paper, needs, escape(", ".join(params)))  # [..] is no markup
     return out
