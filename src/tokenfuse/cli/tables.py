@@ -85,6 +85,8 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
             "full's; KL: first reply token, nats"
         )
         return [table(title, caption + extra, rows)]
+    if args.get("task") == "vlm-speed":
+        return [vlm_speed_table(results, caption)]
     if args.get("task") == "st":
         title = (
             f"tokenfuse bench --task st: {args['model']} as a SentenceTransformer, {args['documents']} "
@@ -137,6 +139,22 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
             )
         tables.append(table(title, caption + extra, rows))
     return tables
+
+
+def vlm_speed_table(results: dict[str, Any], caption: str) -> Table:
+    """`bench --task vlm-speed`: its title says the weights are random and only speed is measured."""
+    args = results["meta"]["arguments"]
+    side, patches = args["image_size"], args["patches"]
+    title = (
+        "tokenfuse bench --task vlm-speed: Qwen2-VL-2B's shapes with RANDOM weights, only speed is "
+        f"measured; one {side}x{side} image ({patches} patches in the tower, {args['visual_tokens']} "
+        f"visual tokens), {args['text_tokens']} text tokens, {args['dtype']}"
+    )
+    extra = (
+        "; keep: fraction of visual tokens; visual: visual tokens the LLM layers process vs full; speedup: "
+        "prefill (tower in full, merger, LLM); fastv: inside the LLM from layer 2"
+    )
+    return table(title, caption + extra, results["rows"])
 
 
 def methods_table(kind: Kind = "token") -> Table:
