@@ -4,7 +4,7 @@
 #
 #   .venv       torch 2.13.0 (the CPU build on local disk), the library, its assets and the dev tools
 #   .venv-core  torch alone and the library: the core, the methods and the adapters import nothing else
-#   .venv-timm  torch 2.14.1 + torchvision 0.29.1 (what timm needs) and the timm extra
+#   .venv-timm  torch 2.14.1 + torchvision 0.29.1 (what timm and the VLM processors need) and the timm extra
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -21,11 +21,13 @@ apt = $(SUDO) apt-get install -y -q $(1) || { $(SUDO) apt-get update -q && $(SUD
 bench: .venv/.installed $(FMNIST)
 	.venv/bin/tokenfuse bench
 
-## every check CI runs: lint, the main suite, the torch-alone import, the timm adapter's tests
+## every check CI runs: lint, the main suite, the torch-alone import, the timm adapter's tests, the VLM
+## bench on a model folder of every family (their processors need torchvision)
 test: lint .venv/.installed .venv-core/.installed .venv-timm/.installed $(FMNIST) $(CHROMIUM)
 	.venv/bin/python -m pytest -q
 	.venv-core/bin/python scripts/torch_alone.py
 	.venv-timm/bin/python -m pytest -q tests -k timm
+	.venv-timm/bin/python -m pytest -q tests/test_bench_vlm_data.py  # Qwen-VL, OneVision processors: torchvision
 
 ## the fast unit tests only (well under a minute): no packaged models or data, nothing slow; on their
 ## tiny models a second thread per operation only costs (28 s against 158 s on a busy 2-core machine)

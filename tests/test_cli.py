@@ -266,7 +266,7 @@ def test_a_model_that_cannot_be_loaded_is_one_clear_line(tmp_path, capsys, monke
     [
         (["--task", "st", "--model", "x"], "the st bench runs the packaged MiniLM on BBC News: drop --model"),
         (["--task", "embed", "--set", "a=1"], "drop --set"),
-        (["--task", "vlm", "--data", "fmnist", "--config", "c.json"], "drop --data, --config"),
+        (["--task", "vlm", "--data-path", "x", "--config", "c.json"], "drop --data-path, --config"),
     ],
 )
 def test_packaged_benches_refuse_other_assets(capsys, argv, message):

