@@ -104,6 +104,17 @@ def test_png_holds_one_panel_per_model(tmp_path):
     assert pixels[..., :3].std() > 0.05  # not blank
 
 
+def test_a_users_vlm_is_plotted_by_its_answer_accuracy():
+    """bench --task vlm --model M names its rows by M, which the report does not know by name."""
+    from tokenfuse.eval.report import quality_of
+
+    assert quality_of("Qwen/Qwen2.5-VL-3B-Instruct", [{"answer_acc": 70.0}]) == (
+        "answer_acc",
+        "answer accuracy %",
+    )
+    assert quality_of("my-encoder", [{"cosine": 0.99}])[0] == "cosine"
+
+
 @pytest.mark.parametrize(
     ("name", "content", "expected"),
     [

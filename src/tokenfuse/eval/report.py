@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,13 @@ def group(runs: list[Run]) -> dict[str, list[Entry]]:
     return out
 
 
-def quality_of(model: str) -> tuple[str, str]:
-    """The row key and axis label of a model's main quality."""
+def quality_of(model: str, rows: Sequence[dict[str, Any]] = ()) -> tuple[str, str]:
+    """The row key and axis label of a model's main quality; a model of the user's own is told by its
+    `rows` (a VLM bench's have answer_acc)."""
     if model.startswith(DENSE):
         return DENSE_QUALITY
+    if model not in QUALITY and any("answer_acc" in row for row in rows):
+        return QUALITY["fmnist-vlm"]
     return QUALITY.get(model, TEXT_QUALITY)
 
 
@@ -120,7 +124,7 @@ def draw(ax, model: str, entries: list[Entry]) -> None:
     """One speed-versus-quality panel: a line per method along its frontier (its points that no
     faster one beats; the others hollow), the baselines as large labelled grey markers, the full
     model at (1, its quality), and for an at-speed bench the baselines' speeds as dashed lines."""
-    key, label = quality_of(model)
+    key, label = quality_of(model, [e.row for e in entries])
     curves: dict[str, list[tuple[float, float, float]]] = {}
     for e in entries:
         x, y = e.row.get("speedup"), e.row.get(key)
