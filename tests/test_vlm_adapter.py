@@ -4,6 +4,8 @@ operators chose, at the boundary and in the LLM)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import tiny_bert, tiny_vit
@@ -171,3 +173,17 @@ def test_kept_counts_images_in_prompt_order():
     with torch.no_grad():
         model(**batch)
     assert [len(k) for k in tokenfuse.kept(model)] == [4, 4]
+
+
+def test_the_towers_own_time_at_the_boundary_is_not_counted_as_overhead():
+    """The boundary runs the host's tower and projector from inside its hook: their time is the
+    host's. A tower slowed by 0.3 s (a hook of the test's, not tokenfuse's) leaves the overhead
+    below it; counted as tokenfuse's, it would exceed it."""
+    model = tiny_llava()
+    sleep = model.model.vision_tower.register_forward_pre_hook(lambda *_: time.sleep(0.3))
+    try:
+        run(model, method="random", keep=0.25)
+    finally:
+        sleep.remove()
+    patch = tokenfuse.patch_of(model)
+    assert 0 < patch.overhead_seconds < 0.3

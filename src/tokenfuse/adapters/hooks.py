@@ -114,13 +114,28 @@ class Hooks:
     def _clocked(self, hook, *args, **kwargs):
         if torch.compiler.is_compiling():
             return hook(*args, **kwargs)
-        start = time.perf_counter()
+        start, hosted = time.perf_counter(), self._hosted()
         try:
             return hook(*args, **kwargs)
         finally:
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start - (self._hosted() - hosted)
             with self._lock:
                 self.overhead_seconds += seconds
+
+    def host(self, compute, *args, **kwargs):
+        """compute(*args, **kwargs): the host model's own computation run from inside a hook (a VLM's
+        tower and projector at the boundary), whose time is the host's, not tokenfuse's overhead."""
+        if torch.compiler.is_compiling():
+            return compute(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return compute(*args, **kwargs)
+        finally:
+            self._local.hosted = self._hosted() + time.perf_counter() - start
+
+    def _hosted(self) -> float:
+        """Seconds this thread has spent in `host` calls so far."""
+        return getattr(self._local, "hosted", 0.0)
 
     _eager = torch.compiler.disable(_clocked)
 

@@ -45,7 +45,8 @@ class Boundary:
             inputs = {"image_sizes": kwargs.get("image_sizes")}
             if family.views is not None:
                 inputs |= {k: kwargs[k] for k in family.views.inputs if kwargs.get(k) is not None}
-            encoded = getattr(module, family.encode)(
+            encoded = patch.host(
+                getattr(module, family.encode),
                 pixel_values=kwargs["pixel_values"],
                 **family.encode_kwargs(patch.config),
                 **inputs,
@@ -57,7 +58,7 @@ class Boundary:
         is_image = ids == patch.image_token
         images, lengths = self.layout(fwd, run.inputs, run.selected.shape[0], is_image)
         x, tokens = self._reduce(run, images, module, ids, valid, is_image, lengths)
-        features = module.get_submodule(family.projector)(x)
+        features = patch.host(module.get_submodule(family.projector), x)
         if images is None:
             pooled = [f[m] for f, m in zip(features, tokens.mask, strict=True)]
         else:

@@ -144,8 +144,8 @@ class QwenBoundary:
         ids = kwargs["input_ids"]
         encoded = mm.get("image")
         if encoded is None:
-            encoded = module.get_image_features(
-                kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True
+            encoded = patch.host(
+                module.get_image_features, kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True
             )
         grids = carried(encoded, Grids)
         if grids is None:
