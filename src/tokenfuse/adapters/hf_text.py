@@ -35,9 +35,9 @@ from .hooks import argument, first, replace_first, with_argument, with_mask
 from .local_attention import local_windows, rotary_at, rotate, window_bias
 from .text_families import Family
 
-#: the default floor of a text encoder's reductions (`Method.min_tokens`): below it, reducing costs
-#: more than it saves on MiniLM at keep 0.5 on 2 CPU cores (scripts/length_floor.py), and short texts
-#: are where merging hurts most
+#: the default floor of a text encoder's reductions (`Method.min_tokens`), chosen on MiniLM at keep 0.5
+#: by scripts/length_floor.py: below 32 tokens merging costs a text most of its agreement with the full
+#: model while the time it saves shrinks towards none (README, "Short texts")
 MIN_TOKENS = 32
 
 
