@@ -10,13 +10,14 @@ dominant + 10 contextual for 64 (108 + 20, 162 + 30).
 Deviations: the reference spends one dominant slot on the [CLS] token itself (53 patches + [CLS] for
 54); at this boundary [CLS] has been dropped (LLaVA-1.5), so every dominant slot goes to a patch. A
 contextual token is the size-weighted average of its target and the tokens merged into it (the
-engine's merge, merge="weighted", the default until a quality run compares the two); merge="authors"
+engine's merge, merge="weighted", the default); merge="authors"
 gives the reference's target + the plain mean of the tokens merged into it, a sum no average gives
 (Reduction.gain doubles the equal-weight average of the target and that mean). Tokens stay in patch
 order; order="reference" lays them out as the reference does, dominant tokens first.
 
 Why the defaults: the paper's 54 + 10 split; merge="weighted" keeps a merged token at the scale of
-the tokens it stands for, and stays until a quality run compares it with "authors".
+the tokens it stands for, and answered better than "authors" on the packaged VLM (README, "Why the
+defaults").
 """
 
 from __future__ import annotations
