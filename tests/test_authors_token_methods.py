@@ -69,6 +69,11 @@ def test_evit_keeps_the_authors_tokens_and_fuses_the_rest_as_their_weighted_sum_
             # the authors' fused token is the attention-weighted sum; tokenfuse's the weighted average
             assert torch.allclose(out[b, slot] * total, case["out"][b, -1], rtol=0, atol=1e-6)
             assert (out[b, slot] - case["out"][b, -1]).abs().max() > 0.25  # the stated deviation's size
+        authors, _ = reduce(x, inp.tokens, make("evit", fuse="authors").decide(inp))
+        others = ~torch.isclose(authors, out).all(-1)  # only the fused token differs
+        assert int(others.sum()) == B
+        for b in range(B):
+            assert torch.allclose(authors[b, others[b]][0], case["out"][b, -1], rtol=0, atol=1e-6)
 
 
 def test_ats_scores_tokens_as_the_authors_and_samples_by_the_paper():

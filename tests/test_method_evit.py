@@ -109,4 +109,4 @@ def test_a_model_without_cls_is_refused_and_point_zero_is_skipped():
 
 def test_unknown_options_are_rejected():
     with pytest.raises(TypeError, match="evit"):
-        make("evit", fuse=False)
+        make("evit", keep_rate=0.7)

@@ -11,20 +11,25 @@ the text encoder is mean-pooled, so [CLS] attention only stands in for importanc
 feature is the attention-weighted average (the paper's weighted sum, divided by the weights'
 total), so that an untrained model sees it at the scale of its other tokens; each fused token
 counts by the attention it received, which with proportional attention already includes its
-size, so size is not counted twice. The step keeps exactly count - remove tokens, the fused
+size, so size is not counted twice; fuse="authors" gives the paper's weighted sum (the average
+times the group's total attention, `Reduction.gain`). The step keeps exactly count - remove tokens, the fused
 one included, where the paper keeps a fixed ratio plus the fused token.
 
-Why the defaults: EViT has no options of its own; the budget and schedule are the engine's, as for
-every method (half the work, a geometric schedule).
+Why the defaults: the budget and schedule are the engine's, as for every method (half the work, a
+geometric schedule); fuse="average" keeps the fused token at its tokens' scale, which an untrained
+model needs (README, "Why the defaults", compares the two).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
 from ..core import Reduction
 from ..core.matching import ranks
 from .base import LayerInput, Method
+from .options import Option
 from .registry import register
 
 
@@ -36,6 +41,9 @@ class EViT(Method):
         "Reorganizations, ICLR 2022"
     )
     needs = frozenset({"cls_attention"})
+    fuse: Literal["average", "authors"] = Option(
+        "average", "fused token: attention-weighted average, or the authors' weighted sum"
+    )
 
     def decide(self, inp: LayerInput) -> Reduction:
         tokens = inp.tokens
@@ -59,4 +67,8 @@ class EViT(Method):
         top = share.amax(-1, keepdim=True)
         share = torch.where(top > 0, share / top.clamp_min(torch.finfo(share.dtype).tiny), 1.0)
         red = Reduction.hard(dest)
-        return Reduction(red.dest, red.weight, torch.where(fused, share, 1.0))
+        gain = None
+        if self.fuse == "authors":  # the weighted sum: the average times the group's total attention
+            total = torch.where(fused, attn, 0.0).sum(-1, keepdim=True)
+            gain = torch.where(positions == target, total, 1.0).where(n_fused[:, None] > 0, 1.0)
+        return Reduction(red.dest, red.weight, torch.where(fused, share, 1.0), gain=gain)
