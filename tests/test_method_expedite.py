@@ -85,6 +85,19 @@ def test_the_cluster_count_follows_the_budget(keep, side):
     assert 1 + gh * gw <= math.ceil(n0 * share)
 
 
+def test_one_patched_model_serves_batches_of_different_image_sizes():
+    """Batches of 32 x 32 and 32 x 48 images in turn through one patched model: each clusters on its
+    own grid, is rebuilt at its own positions, and equals what a model patched for it alone gives."""
+    shared = tokenfuse.apply(tiny_dinov2(), "expedite", keep=0.5, track_source=True)
+    for side in [(32, 32), (32, 48), (32, 32)]:
+        pixels = torch.randn(2, 3, *side, generator=torch.Generator().manual_seed(sum(side)))
+        grid = tokenfuse.to_grid(shared, hidden(shared, pixels))
+        alone = tokenfuse.apply(tiny_dinov2(), "expedite", keep=0.5, track_source=True)
+        expected = tokenfuse.to_grid(alone, hidden(alone, pixels))
+        assert grid.shape[1] == 1 + side[0] // 4 * side[1] // 4
+        torch.testing.assert_close(grid, expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["hf-deit", "hf-dinov2-registers", "timm-dinov2"])
 def test_cls_and_registers_are_never_clustered(family):
     model = tokenfuse.apply(VISION[family](), "expedite", keep=0.5, track_source=True)
