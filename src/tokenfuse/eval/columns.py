@@ -15,6 +15,9 @@ class Column:
 
 
 COLUMNS = (  # in the order tables show them
+    Column("length", "length", "{}"),  # bench --task long: tokens per sequence
+    Column("batch", "batch", "{}"),  # bench --task long: sequences per batch
+    Column("runs", "runs", "{}"),  # bench --task long: timing rounds at that length
     Column("name", "name", "{}"),
     Column("method", "method", "{}"),
     Column("runtime", "runtime", "{}"),

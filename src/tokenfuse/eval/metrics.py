@@ -122,11 +122,14 @@ def decoder_flops(tokens: np.ndarray, config) -> float:
     return float((projections + products + 2 * 3 * n * hidden * inter).sum())
 
 
-def encoder_flops(attn_tokens: np.ndarray, mlp_tokens: np.ndarray, hidden: int, intermediate: int) -> float:
+def encoder_flops(
+    attn_tokens: np.ndarray, mlp_tokens: np.ndarray, hidden: int, intermediate: int, mlp_matrices: int = 2
+) -> float:
     """Multiply-add FLOPs of a transformer encoder's layers for per-layer token counts: attention
     projections and the two attention products on the tokens entering attention, the MLP on the
-    tokens entering it (embeddings and pooling are negligible and left out)."""
+    tokens entering it (embeddings and pooling are negligible and left out). mlp_matrices: 2 for a
+    plain MLP, 3 for a gated one (value, gate and output, each hidden x intermediate)."""
     n, m = attn_tokens.astype(float), mlp_tokens.astype(float)
     attention = 2 * 4 * n * hidden**2 + 2 * 2 * n**2 * hidden
-    mlp = 2 * 2 * m * hidden * intermediate
+    mlp = 2 * mlp_matrices * m * hidden * intermediate
     return float((attention + mlp).sum())
