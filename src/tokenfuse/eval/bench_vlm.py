@@ -223,8 +223,11 @@ def users(name: str, data: str, limit: int | None, batch_size: int) -> tuple[tor
     processor = vlm_data.load_processor(name)
     images = vlm_data.load_images(rows)
     model = vlm_data.load_model(name)
+    texts = [vlm_data.prompt(processor, r.question) for r in rows]
     batches = [
-        vlm_data.encode(processor, rows[i : i + batch_size], images[i : i + batch_size], model)
+        vlm_data.encode(
+            processor, texts[i : i + batch_size], [[x] for x in images[i : i + batch_size]], model
+        )
         for i in range(0, len(rows), batch_size)
     ]
     answers = [r.answer for r in rows]

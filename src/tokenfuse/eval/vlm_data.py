@@ -123,29 +123,49 @@ def load_processor(name: str) -> Any:
     return processor
 
 
-def load_model(name: str) -> torch.nn.Module:
-    """The weights, in eval mode: on the GPU in the checkpoint's dtype where there is one, else fp32."""
+def load_model(name: str, device: str | None = None, dtype: str | None = None) -> torch.nn.Module:
+    """The weights, in eval mode, on `device` (the GPU where there is one, else the CPU) in `dtype` (a
+    torch dtype's name or "auto": the checkpoint's; by default the checkpoint's on a GPU, fp32 on the CPU)."""
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    cuda = torch.cuda.is_available()
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype="auto" if cuda else torch.float32)
-    return model.to("cuda" if cuda else "cpu").eval()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch_dtype(dtype) if dtype is not None else None
+    if chosen is None:
+        chosen = "auto" if torch.device(device).type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(name, dtype=chosen)
+    return model.to(device).eval()
 
 
-def encode(processor: Any, rows: list[Row], images: list[Any], model: torch.nn.Module) -> dict[str, Tensor]:
-    """One batch of rows through the processor: each question after its image in one user turn, the
-    chat template's generation prompt after it; on the model's device, pixels in its dtype."""
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row.question}]}],
-            add_generation_prompt=True,
-            tokenize=False,
+def torch_dtype(name: str) -> torch.dtype | str:
+    """A dtype given by name ("bfloat16", "float16", "float32" or "auto"), checked before any loading."""
+    if name == "auto":
+        return name
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype={name!r} is not a floating-point torch dtype: give bfloat16, float16, float32 or auto"
         )
-        for row in rows
-    ]
-    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return dtype
+
+
+def prompt(processor: Any, question: str, images: int = 1) -> str:
+    """The chat template's text for one user turn, the question after its images, with the generation
+    prompt after it."""
+    content = [*({"type": "image"} for _ in range(images)), {"type": "text", "text": question}]
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def encode(
+    processor: Any, texts: list[str], images: list[list[Any]], model: torch.nn.Module
+) -> dict[str, Tensor]:
+    """One batch of prompts (`prompt`) and each one's images through the processor, padded; on the
+    model's device, pixels in its dtype."""
+    flat = [image for row in images for image in row]
+    batch = processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
     parameter = next(model.parameters())
     return {
         k: v.to(parameter.device, dtype=parameter.dtype if v.is_floating_point() else v.dtype)
