@@ -152,3 +152,8 @@ def test_bad_model_args_are_refused_before_the_model_is_looked_at(args, message,
     with pytest.raises((ValueError, TypeError)) as error:
         TokenFuse(str(tmp_path / "no-model"), **args)
     assert message in str(error.value)
+
+
+def test_an_operator_the_family_refuses_is_refused_with_its_reason_before_any_request(tmp_path):
+    with pytest.raises(ValueError, match="base view plus unpadded crops"):
+        TokenFuse(model_folder("llava-next", tmp_path), method="pool", keep=0.25)

@@ -50,7 +50,7 @@ class TokenFuse(lmms):
         device: str | None = None,
         dtype: str | None = None,
         batch_size: int | str = 1,
-        max_batch_size: int | None = None,
+        max_batch_size: int | None = None,  # lmms-eval passes it for batch_size=auto, which is refused
         **options: Any,
     ) -> None:
         super().__init__()
