@@ -156,7 +156,8 @@ def test_padding_invariance_in_mixed_length_batches(family, method, keep, tokeni
     if (family, method) == ("modernbert", "tome:similarity=keys"):
         # ModernBERT's first layer's keys are a token's content rotated by its position: a word
         # repeated at equal distances ("a film about a film about a film") ties exactly with both
-        # neighbours, and the rounding of the batch's shape breaks the tie
+        # neighbours, and the rounding of the batch's shape may break the tie (since cosine_partners
+        # normalizes the A side after the product it breaks alike here, which nothing guarantees)
         request.applymarker(pytest.mark.xfail(reason="exact ties in rotated keys", strict=False))
     model = apply(TEXT[family](), method, keep=keep)
     together = tokenfuse.embed(model, tokenizer, texts, batch_size=len(texts))

@@ -13,17 +13,48 @@ def alternate(x: Tensor) -> tuple[Tensor, Tensor]:
     return x[:, ::2], x[:, 1::2]
 
 
-def alternate_scores(metric: Tensor) -> Tensor:
-    """(B, ceil(N/2), floor(N/2)) dot products of the A-tokens of metric (B, N, C) with its B-tokens.
-
-    While torch.compile traces, the halves are copied first: a product of the strided halves
-    guards on the parity of N, and a static-mode model's widths take both parities, so every
-    pattern of parities compiled anew (on 400 BBC documents MiniLM hit the recompile limit and
-    fell back to eager). In eager mode the copy would triple the product's time."""
+def halves(metric: Tensor) -> tuple[Tensor, Tensor]:
+    """`alternate` for a product of the halves. While torch.compile traces, they are copied first:
+    a product of the strided halves guards on the parity of N, and a static-mode model's widths
+    take both parities, so every pattern of parities compiled anew (on 400 BBC documents MiniLM hit
+    the recompile limit and fell back to eager). In eager mode the copy would triple the product's
+    time."""
     a, b = alternate(metric)
     if torch.compiler.is_compiling():
         a, b = a.contiguous(), b.contiguous()
+    return a, b
+
+
+def alternate_scores(metric: Tensor) -> Tensor:
+    """(B, ceil(N/2), floor(N/2)) dot products of the A-tokens of metric (B, N, C) with its B-tokens."""
+    a, b = halves(metric)
     return a @ b.transpose(1, 2)
+
+
+def cosine_partners(metric: Tensor, tokens: Tokens) -> tuple[Tensor, Tensor]:
+    """(B, ceil(N/2)) each A-token's best cosine similarity to a movable B-token of metric (B, N, C),
+    and that partner's index among the B-tokens (`best_partners` of the cosine scores, as computed).
+
+    Cheaper than normalizing every token and masking the scores (the overhead ToMe adds, README):
+    an A-token's scale does not change which partner is best, so the A side is normalized after
+    the maximum, on one value per token; the excluded columns are masked by a bias the product adds.
+    Norms are floored, so a zero token (the padding a reduction leaves) scores 0, never NaN."""
+    a, b = halves(metric)
+    _, b_ok = alternate(tokens.mask & ~tokens.protected)
+    tiny = torch.finfo(metric.dtype).tiny
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(tiny)
+    bias = torch.zeros(b_ok.shape, dtype=metric.dtype, device=metric.device).masked_fill_(~b_ok, -torch.inf)
+    best, partner = torch.baddbmm(bias[:, None, :], a, b.transpose(1, 2)).max(-1)
+    return best / a.norm(dim=-1).clamp_min(tiny), partner
+
+
+def best_partners(scores: Tensor, tokens: Tokens) -> tuple[Tensor, Tensor]:
+    """(B, ceil(N/2)) each A-token's highest score (B, ceil(N/2), floor(N/2)) with a movable B-token
+    (padding and protected tokens excluded), and that partner's index among the B-tokens."""
+    _, b_ok = alternate(tokens.mask & ~tokens.protected)
+    # masked by a where: 0.6x masked_fill's time over the scores; an added bias would be faster, but
+    # lets a NaN of an excluded token through (`cosine_partners` floors its norms instead)
+    return torch.where(b_ok[:, None, :], scores, -torch.inf).max(-1)
 
 
 def ranks(key: Tensor, descending: bool = False) -> tuple[Tensor, Tensor]:
@@ -54,18 +85,23 @@ def bipartite_merge(scores: Tensor, tokens: Tokens, remove: Tensor, order: str =
     protected tokens are excluded on both sides, so each sequence is reduced exactly as it would
     be alone, and at most one token per A-token is removed. order: one of ORDERS.
     """
+    return merge_best(*best_partners(scores, tokens), tokens, remove, order)
+
+
+def merge_best(
+    best: Tensor, partner: Tensor, tokens: Tokens, remove: Tensor, order: str = "original"
+) -> Reduction:
+    """`bipartite_merge` from each A-token's best score (B, ceil(N/2)) with a movable B-token and
+    that partner's index among the B-tokens (`best_partners`, `cosine_partners`)."""
     check_order(order)
     movable = tokens.mask & ~tokens.protected
-    a_ok, b_ok = alternate(movable)
-    # columns masked before the best partner is chosen (a where: 0.6x masked_fill's time over the
-    # scores; an added bias would be faster, but lets a NaN of an excluded token through), rows after
-    best, partner = torch.where(b_ok[:, None, :], scores, -torch.inf).max(-1)
+    a_ok, _ = alternate(movable)
     best = best.masked_fill(~a_ok, -torch.inf)
     _, rank = ranks(best, descending=True)
     merged = (rank < remove[:, None]) & (best > -torch.inf)
 
     n = tokens.size.shape[1]
-    dest = torch.arange(n, device=scores.device).expand(scores.shape[0], n).clone()
+    dest = torch.arange(n, device=best.device).expand(best.shape[0], n).clone()
     dest[:, ::2] = torch.where(merged, 2 * partner + 1, dest[:, ::2])
     layout = reference_order(movable, tokens.protected, rank) if order == "reference" else None
     return Reduction.hard(dest, layout)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from ..core import Reduction
-from ..core.matching import alternate_scores, bipartite_merge
+from ..core.matching import cosine_partners, merge_best
 from .base import LayerInput, Method
 from .options import Option
 from .registry import register
@@ -46,5 +46,4 @@ class ToMe(Method):
 
     def decide(self, inp: LayerInput) -> Reduction:
         metric = inp.keys() if self.similarity == "keys" else inp.x
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        return bipartite_merge(alternate_scores(metric), inp.tokens, inp.remove, self.order)
+        return merge_best(*cosine_partners(metric, inp.tokens), inp.tokens, inp.remove, self.order)
