@@ -46,6 +46,16 @@ def test_mlp_width_reads_bert_and_distilbert_configs():
     assert metrics.mlp_width(DistilBertConfig(hidden_dim=64)) == 64
 
 
+def test_a_gated_mlp_counts_three_matrices():
+    """ModernBERT's MLP is gated (its Wi is value and gate, 2 x intermediate wide, then Wo)."""
+    from transformers import BertConfig, ModernBertConfig
+
+    assert metrics.mlp_matrices(ModernBertConfig()) == 3 and metrics.mlp_matrices(BertConfig()) == 2
+    plain = metrics.encoder_flops(np.array([10]), np.array([10]), 8, 32)
+    gated = metrics.encoder_flops(np.array([10]), np.array([10]), 8, 32, mlp_matrices=3)
+    assert gated - plain == 2 * 10 * 8 * 32
+
+
 def test_ece_is_zero_when_confidence_matches_accuracy_and_measures_overconfidence():
     labels = np.array([0] * 8 + [1] * 2)
     # every prediction says class 0 with confidence 0.8, and 8 of 10 are right: calibrated

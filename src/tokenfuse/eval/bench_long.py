@@ -41,7 +41,6 @@ KEEPS = (0.5,)
 LENGTHS = (128, 256, 512, 1024, 2048, 4096, 8192)
 MIN_LENGTH = 64  # the shortest length the sweep takes: shorter texts are the text bench's
 BATCH_TOKENS = 2048  # tokens per batch by default: the batch is BATCH_TOKENS // length sequences
-GLU = 3  # matrices of ModernBERT's gated MLP: Wi (value and gate, 2 x intermediate wide) and Wo
 
 
 def modernbert_base() -> ModernBertConfig:
@@ -148,7 +147,8 @@ def layer_flops(layer_tokens: np.ndarray, config: ModernBertConfig) -> float:
     over all pairs of its tokens (what sdpa and eager compute, local layers included), the gated MLP."""
     n = np.asarray(layer_tokens, dtype=float)
     hidden = config.hidden_size
-    return metrics.encoder_flops(n[..., 0], n[..., 1], hidden, config.intermediate_size, mlp_matrices=GLU)
+    inter, matrices = config.intermediate_size, metrics.mlp_matrices(config)
+    return metrics.encoder_flops(n[..., 0], n[..., 1], hidden, inter, mlp_matrices=matrices)
 
 
 def estimate(config: ModernBertConfig, configs: Sequence[Config], lengths, batches, repeats) -> list[float]:

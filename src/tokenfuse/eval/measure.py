@@ -324,9 +324,11 @@ def costs(
     passes' `extra` timings gives a `<name>_speedup` column."""
     if flops is None:
         hidden, inter = model.config.hidden_size, metrics.mlp_width(model.config)
+        matrices = metrics.mlp_matrices(model.config)
 
         def flops(p: Pass) -> float:
-            return metrics.encoder_flops(p.layer_tokens[..., 0], p.layer_tokens[..., 1], hidden, inter)
+            n = p.layer_tokens
+            return metrics.encoder_flops(n[..., 0], n[..., 1], hidden, inter, mlp_matrices=matrices)
 
     full_seconds = statistics.median(p.seconds for p in passes[0])
     full_tokens, full_flops = quality[0].layer_tokens.mean(-1).sum(), flops(quality[0])

@@ -111,6 +111,15 @@ def mlp_width(config) -> int:
     return width or int(config.hidden_size * config.mlp_ratio)
 
 
+#: encoder families whose MLP is gated (value, gate and output): ModernBERT's Wi is 2 x intermediate wide
+GATED_MLP = ("modernbert",)
+
+
+def mlp_matrices(config) -> int:
+    """The MLP's weight matrices, each hidden x intermediate: 3 for a gated MLP, 2 for a plain one."""
+    return 3 if getattr(config, "model_type", None) in GATED_MLP else 2
+
+
 def decoder_flops(tokens: np.ndarray, config) -> float:
     """Multiply-add FLOPs of a decoder LLM's prefill for per-layer token counts: the q/o and the
     grouped k/v projections, the causal attention products (half the square), the gated MLP."""
