@@ -15,7 +15,9 @@ from transformers import XLMRobertaConfig, XLMRobertaModel
 from tokenfuse import cli
 from tokenfuse.eval import at_speed
 from tokenfuse.eval.measure import Config, Pass
-from tokenfuse.eval.speed_match import KeepSearch, Probe, lowest_keep, match
+from tokenfuse.eval.speed_match import BAND, KeepSearch, Probe, lowest_keep, match
+
+AIM = math.sqrt(BAND[0] * BAND[1])  # where a search aims: the band's geometric centre
 
 
 def drive(search: KeepSearch, ratio) -> list[tuple[float, float]]:
@@ -29,19 +31,29 @@ def test_a_probe_within_the_band_stops_the_search_at_once():
     assert drive(KeepSearch(0.5), lambda k: 1.02) == [(0.5, 1.02)]
 
 
+def test_the_band_is_at_least_as_fast_as_the_target():
+    """A method is never compared with a baseline that the search let it be slower than: 1% slower
+    at the first probe, it probes a lower keep, and that is its result."""
+    search = KeepSearch(0.5)
+    measured = drive(search, lambda k: 0.99 * 0.5 / k)
+    assert BAND[0] >= 1.0 and len(measured) == 2 and search.result() == measured[-1]
+    assert measured[-1][0] < 0.5 and measured[-1][1] >= BAND[0]
+
+
 def test_the_first_step_takes_speed_as_one_over_keep():
-    """10% slower than the target at its keep: the next probe is at 0.8 of it, where it matches."""
+    """20% slower than the target at its keep: the next probe is at 0.8 of it over the aim, where it
+    lands on the aim."""
     measured = drive(KeepSearch(0.5), lambda k: 0.8 * 0.5 / k)
-    assert [k for k, _ in measured] == pytest.approx([0.5, 0.4])
-    assert measured[-1][1] == pytest.approx(1.0)
+    assert [k for k, _ in measured] == pytest.approx([0.5, 0.4 / AIM])
+    assert measured[-1][1] == pytest.approx(AIM)
 
 
 def test_later_steps_use_the_measured_slope():
     """Speed as keep**-0.5: the second step reads that slope from the first two probes and lands."""
     search = KeepSearch(0.5)
     measured = drive(search, lambda k: 0.8 * math.sqrt(0.5 / k))
-    assert [k for k, _ in measured] == pytest.approx([0.5, 0.4, 0.32])
-    assert search.result() == pytest.approx((0.32, 1.0))
+    assert [k for k, _ in measured] == pytest.approx([0.5, 0.4 / AIM, 0.32 / AIM**2])
+    assert search.result() == pytest.approx((0.32 / AIM**2, AIM))
 
 
 def test_a_bracket_is_narrowed_and_the_largest_fast_enough_keep_is_kept():
@@ -50,7 +62,7 @@ def test_a_bracket_is_narrowed_and_the_largest_fast_enough_keep_is_kept():
     search = KeepSearch(0.5)
     measured = drive(search, lambda k: 1.5 if k < 0.3 else 0.5)
     assert len(measured) == 4
-    assert [k for k, _ in measured][:2] == pytest.approx([0.5, 0.25])
+    assert [k for k, _ in measured][:2] == pytest.approx([0.5, 0.25 / AIM])
     assert all(0.25 < k < 0.5 for k, _ in measured[2:])  # inside the bracket
     assert search.result() == (max(k for k, r in measured if r > 1), 1.5)
 
@@ -90,12 +102,12 @@ class ScriptedTask:
 @pytest.mark.parametrize("target", [Config("truncation", 0.5), 2.0])
 def test_match_times_probes_with_their_target_and_finds_the_keep(target):
     """Against truncation at 0.5 (its speed measured with the probes) or a speedup of 2 over the
-    full model (timed with them): ToMe's keep is 0.5 / 1.1, found on the second probe."""
+    full model (timed with them): ToMe's keep is 0.5 / 1.1 over the aim, found on the second probe."""
     task = ScriptedTask()
     probe = Probe(lambda k: Config("tome", k), KeepSearch(0.5))
     match(task, [target], {"tome": probe}, repeats=2)
     keep, ratio = probe.search.result()
-    assert keep == pytest.approx(0.5 / 1.1) and ratio == pytest.approx(1.0)
+    assert keep == pytest.approx(0.5 / 1.1 / AIM) and ratio == pytest.approx(AIM)
     assert len(probe.search.measured) == 2
     timed = "truncation @ 0.5" if isinstance(target, Config) else "full"
     steps = [r for r in task.ran if r != "warm-up"]

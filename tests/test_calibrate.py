@@ -14,6 +14,7 @@ from tokenfuse import cli
 from tokenfuse.assets import fmnist
 from tokenfuse.core import schedule as sched
 from tokenfuse.eval import calibrate, metrics, speed_match
+from tokenfuse.eval.calibrate.speed import BAND
 from tokenfuse.eval.measure import Pass
 
 
@@ -176,7 +177,7 @@ def scripted_timings(task, configs, repeats, step=lambda _: None):
 @pytest.mark.parametrize("budget", [["--speed-of", "truncation@0.5"], ["--speedup", "2"]])
 def test_calibrate_at_a_speed_finds_the_keep_that_reaches_it(tiny_text_model, tmp_path, monkeypatch, budget):
     """At truncation's speed at keep 0.5 (or 2x), on scripted times: every method's keep is searched
-    to at least the target's speed (keep 0.5 / 1.1 to 4% below it); the configuration records its
+    to its margin over the target's speed (keep 0.5 / 1.1, 3% to 8% below it); the configuration records its
     speed over the target's on the calibration set, and its held-out speed and quality; the
     evaluation compares it with the baseline at its own keep."""
     monkeypatch.setattr(speed_match, "timings", scripted_timings)
@@ -187,12 +188,14 @@ def test_calibrate_at_a_speed_finds_the_keep_that_reaches_it(tiny_text_model, tm
     assert cli.main(args) == 0
     config = json.loads(out.read_text())
     (ratio,) = config["found"]["speed_over_target_on_calibration"]
-    assert 1.0 <= ratio <= 1.04 and ratio == pytest.approx(0.5 / (1.1 * config["keep"]))
+    assert BAND[0] >= 1.03 and BAND[0] <= ratio <= BAND[1]
+    assert ratio == pytest.approx(0.5 / (1.1 * config["keep"]))
     assert sched.work(config["schedule"]) == pytest.approx(config["keep"], abs=1e-6)
     rows = {r["name"]: r for r in json.loads(results.read_text())["rows"]}
     baseline = "truncation@0.5" if "--speed-of" in budget else "truncation"
     assert set(rows) == {"full", "calibrated", "constant", baseline}
     assert rows[baseline]["keep"] == (0.5 if "--speed-of" in budget else config["keep"])
+    assert "lp50_pearson" in rows["calibrated"] and "lp50_pearson" in rows[baseline]  # LP50, as the bench
     measured = config["measured"]
     assert measured["speedup"] == rows["calibrated"]["speedup"]
     assert measured["cosine"] == rows["calibrated"]["cosine"]

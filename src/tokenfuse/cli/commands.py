@@ -237,7 +237,12 @@ def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
     err.print(
         f"configuration written to {args.out}: {config['method']}, schedule {found['shape']}, options "
         f"{config['options'] or 'default'}; {found['objective']} on the calibration set "
-        f"{found['calibration_score']:.4f} (constant schedule: {found['constant_score'] or float('nan'):.4f})"
+        f"{found['calibration_score']:.4f} "
+        + (
+            "(the constant schedule at this keep was not scored on it: see the held-out table's constant row)"
+            if found["constant_score"] is None
+            else f"(constant schedule: {found['constant_score']:.4f})"
+        )
         + (f"; temperature {config['temperature']:.3f}" if "temperature" in config else "")
     )
     spread = results["meta"]["spread"]

@@ -19,16 +19,19 @@ from dataclasses import dataclass, field
 from . import measure
 from .measure import FULL, Config, timings
 
-BAND = (0.97, 1.03)  # a probe whose speed is within these ratios of the target's matches it
+#: a probe whose speed is within these ratios of the target's matches it: at least as fast, so that a
+#: method is never compared with a baseline it is slower than by the search's choice
+BAND = (1.0, 1.06)
 PROBES = 4  # timed probes per search at most
 
 
 @dataclass
 class KeepSearch:
     """The keep at which speed / target speed (the ratio) comes within `band`, the ratio falling as
-    keep rises. `next()` gives the keep to time next (None: stop), `record` takes its ratio. Stops
-    at a probe within the band, after `probes` probes, or when the next keep is one already timed
-    (a bound reached). `lowest`: the least keep the method and shape can run."""
+    keep rises. `next()` gives the keep to time next (None: stop), aiming at the band's geometric
+    centre, `record` takes its ratio. Stops at a probe within the band, after `probes` probes, or
+    when the next keep is one already timed (a bound reached). `lowest`: the least keep the method
+    and shape can run."""
 
     start: float
     lowest: float = 0.0
@@ -45,15 +48,16 @@ class KeepSearch:
         keep, ratio = self.measured[-1]
         if self.band[0] <= ratio <= self.band[1] or len(self.measured) >= self.probes:
             return None
-        fast = [p for p in self.measured if p[1] > 1.0]
-        slow = [p for p in self.measured if p[1] < 1.0]
+        aim = math.sqrt(self.band[0] * self.band[1])
+        fast = [p for p in self.measured if p[1] > aim]
+        slow = [p for p in self.measured if p[1] < aim]
         if fast and slow:  # bracketed: between the largest fast keep and the smallest slow one
             (k1, r1), (k2, r2) = max(fast), min(slow)
-            at = math.log(r1) / (math.log(r1) - math.log(r2))
+            at = math.log(r1 / aim) / (math.log(r1) - math.log(r2))
             guess = math.exp(math.log(k1) + at * (math.log(k2) - math.log(k1)))
         else:  # one side: step by the slope of the last two probes, or speed as 1 / keep
             slope = self._slope()
-            guess = keep * ratio ** (1.0 / slope)
+            guess = keep * (ratio / aim) ** (1.0 / slope)
         guess = self._clamp(guess)
         return None if any(math.isclose(guess, k, rel_tol=1e-9) for k, _ in self.measured) else guess
 

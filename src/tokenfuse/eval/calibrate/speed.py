@@ -23,7 +23,10 @@ from ..measure import Task
 from ..speed_match import KeepSearch, Probe, Target, lowest_keep, match
 from .search import Candidate, Trial, Z, constant, search, shaped
 
-BAND = (1.0, 1.04)  # speed / target speed: at least as fast, by at most 4%
+#: speed / target speed on the calibration set: at least 3% faster, by at most 8%. A margin, so that the
+#: configuration is at least as fast as the target on other inputs in another run: the speed ratio
+#: on a few dozen calibration documents and on the held-out ones differ by a few percent (README)
+BAND = (1.03, 1.08)
 ROUNDS = 3  # interleaved timing rounds of each probe
 
 
