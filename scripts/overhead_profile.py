@@ -1,6 +1,6 @@
 """Where the overhead of a token method goes: the profile behind the bench's overhead column.
 
-    .venv/bin/python scripts/overhead_profile.py [--documents 64] [--keep 0.5]
+    .venv/bin/python scripts/overhead_profile.py [--documents 64] [--keep 0.5] [--long LENGTH]
                                                  [--json results/overhead_profile.json]
 
 The default bench's setup (the packaged MiniLM, BBC News documents, max length 512, batch 16, the
@@ -11,9 +11,12 @@ tokenfuse's hooks labelled, each step's time given as a share of the pass's wall
   - pick: ranking the best scores and laying out the merges (`core.matching.merge_best`);
   - apply: the reduction applied to the features and the token state (`core.reduce`);
   - mask: the attention mask each reduced layer is handed (`core.attention_bias`);
+  - window, rotary: ModernBERT's local layers' masks and its rotary angles at the tokens' original
+    positions (`--long`);
   - rest: everything else in the hooks (reading the padding, budgets, bookkeeping, Python).
-The profiler's own cost inflates small operations; the bench's overhead column, timed without it,
-is the figure to quote, and this the split of it.
+`--long LENGTH`: instead, `bench --task long`'s model (ModernBERT-base's shapes, random weights) on
+its batch of random sequences of that length. The profiler's own cost inflates small operations;
+the bench's overhead column, timed without it, is the figure to quote, and this the split of it.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import torch
 from torch.profiler import profile, record_function
 
 import tokenfuse
-from tokenfuse.adapters import engine, hooks
+from tokenfuse.adapters import engine, hf_text, hooks
 from tokenfuse.api.pipeline import pooling_of
 from tokenfuse.api.text import encode_padded, padded_batches
 from tokenfuse.assets.text import bbc_news, load_text_model
+from tokenfuse.eval import bench_long
 from tokenfuse.methods import tome
 
 STEPS = {
@@ -40,6 +44,8 @@ STEPS = {
     "pick": (tome, "merge_best"),
     "apply": (engine, "reduce"),
     "mask": (engine, "attention_bias"),
+    "window": (hf_text.TextPatch, "local_mask"),
+    "rotary": (hf_text.TextPatch, "rotary"),
 }
 
 
@@ -71,11 +77,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, default=64)
     parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--long", type=int, help="ModernBERT-base's shapes at this length instead")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    model, tokenizer = load_text_model("minilm")
-    batches = padded_batches(model, tokenizer, bbc_news(args.documents).texts, 16, 512, 1.0)
-    pooling = pooling_of(model)
+    if args.long:
+        config = bench_long.modernbert_base()
+        model, pooling = bench_long.build(config, torch.float32), "mean"
+        ids = bench_long.random_tokens(config, bench_long.default_batch(args.long), args.long)
+        batches = [(list(range(len(ids))), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})]
+    else:
+        model, tokenizer = load_text_model("minilm")
+        batches = padded_batches(model, tokenizer, bbc_news(args.documents).texts, 16, 512, 1.0)
+        pooling = pooling_of(model)
     tokenfuse.apply(model, "tome", keep=args.keep)
 
     def run() -> float:
@@ -94,12 +107,17 @@ def main() -> None:
             totals[event.key] = event.cpu_time_total / 1e6
     totals["rest"] = totals["hooks"] - sum(totals[label] for label in STEPS)
     shares = {label: value / seconds for label, value in totals.items()}
-    print(f"ToMe at keep {args.keep}, {args.documents} BBC documents, {torch.get_num_threads()} threads:")
+    inputs = (
+        f"{len(batches[0][0])} x {args.long} random tokens"
+        if args.long
+        else f"{args.documents} BBC documents"
+    )
+    print(f"ToMe at keep {args.keep}, {inputs}, {torch.get_num_threads()} threads:")
     print(f"  pass {seconds:.2f} s under the profiler, tokenfuse's hooks {shares['hooks']:.1%} of it")
     for label in (*STEPS, "rest"):
         print(f"  {label:6s} {shares[label]:6.1%}")
     if args.json:
-        record = {"keep": args.keep, "documents": args.documents, "threads": torch.get_num_threads()}
+        record = {"keep": args.keep, "inputs": inputs, "threads": torch.get_num_threads()}
         args.json.write_text(json.dumps({**record, "seconds": seconds, "shares": shares}, indent=2) + "\n")
 
 

@@ -58,5 +58,6 @@ def window_bias(bias: Tensor, origin: Tensor, reach: int) -> Tensor:
     """(B, 1, M, M) the engine's attention bias (B, 1, 1, M) with, in addition, every key further
     than `reach` original positions from the query masked (the dtype's minimum, never added to the
     bias, so that no row overflows to -inf). origin: (B, M) the tokens' original positions."""
-    far = (origin[:, :, None] - origin[:, None, :]).abs() > reach
+    at = origin.to(torch.int32)  # half the memory of int64 over M x M pairs, built at every reduction
+    far = (at[:, :, None] - at[:, None, :]).abs_() > reach
     return torch.where(far[:, None], torch.finfo(bias.dtype).min, bias)
