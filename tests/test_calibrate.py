@@ -61,6 +61,21 @@ def test_changes_need_evidence_beyond_the_noise_of_the_calibration_set():
     assert lucky.candidate == calibrate.shaped("tome", 0.5, 6, 0.3) and lucky.score == 1.0
 
 
+def test_a_shape_must_beat_the_constant_schedule_beyond_noise():
+    """The papers' constant schedule is the choice a shape must beat: a shape better on average by
+    one input's luck (+0.015 on it, -0.001 on the seven others) is refused, one better on every
+    input is taken."""
+
+    def chosen(gain: np.ndarray) -> calibrate.Trial:
+        def score(c: calibrate.Candidate) -> np.ndarray:
+            return np.full(8, 1.0) if c.gamma is None else (1.0 + gain if c.gamma == 0.3 else np.full(8, 0.5))
+
+        return calibrate.search(score, keep=0.5, num_layers=6, methods=("tome",), time_limit=5, z=1.0)[0]
+
+    assert chosen(np.array([0.015] + [-0.001] * 7)).candidate == calibrate.constant("tome", 0.5, 6)
+    assert chosen(np.full(8, 0.001)).candidate.gamma is not None
+
+
 def test_option_variants_get_a_schedule_they_can_run():
     """ToMe on hidden states may reduce at the embeddings; on keys it cannot (there are none yet)."""
     trials = calibrate.search(

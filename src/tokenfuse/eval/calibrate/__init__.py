@@ -10,10 +10,10 @@ tokens go early, where attention is widest) to back-loaded, always at the same w
   2. the best method's options (proportional attention off; ToMe's similarity on keys);
   3. a finer shape search between the best shape's neighbours;
   4. while time remains, single points moved up or down, the others making up the budget.
-A later method, and every change of stages 2-4, replaces the choice only for a gain larger than
-its standard error over the calibration inputs: without that guard, the search fitted the noise of
-a small set (a method or a moved point winning by a fraction of its standard error) and lost on
-held-out inputs (README, calibration).
+A shape, a later method, and every change of stages 2-4, replaces the choice (first the method's
+constant schedule) only for a gain larger than its standard error over the calibration inputs:
+without that guard, the search fitted the noise of a small set (a method, a shape or a moved point
+winning by a fraction of its standard error) and lost on held-out inputs (README, calibration).
 
 The parts: `search` (candidates, trials, the staged search), `run` (what a run is asked for, the
 search on each calibration set under a work or speedup budget, the held-out evaluation and its

@@ -92,8 +92,9 @@ def search(
 ) -> list[Trial]:
     """Every trial made: the chosen one first, then the others best first. `score` gives one value
     per calibration input, higher for closer to the full model. Each method's best shape replaces
-    the choice so far (the first method's) only if it `beats` it, and so does each later stage's
-    trial, so that on a few inputs the choice stops where the evidence does."""
+    its constant schedule only if it `beats` it, each method's choice replaces the choice so far (the
+    first method's) only if it `beats` that, and so does each later stage's trial, so that on a few
+    inputs the choice stops where the evidence does."""
     deadline = time.monotonic() + time_limit
     trials: list[Trial] = []
 
@@ -113,10 +114,12 @@ def search(
 
     chosen: Trial | None = None
     for method in methods:  # stage 1
-        trial(constant(method, keep, num_layers))
+        base = trial(constant(method, keep, num_layers))
         for gamma in SHAPES:
             trial(shaped(method, keep, num_layers, gamma))
         own = max((t for t in trials if t.candidate.method == method), key=lambda t: t.score, default=None)
+        if base is not None and not own.beats(base, z):  # a shape, too, must beat the papers' default
+            own = base
         if chosen is None or (own is not None and own.beats(chosen, z)):
             chosen = own
     if chosen is None:
