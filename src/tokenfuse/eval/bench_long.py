@@ -32,7 +32,6 @@ from ..api import apply, remove
 from ..api.progress import progress_bar
 from ..api.text import encode_padded
 from . import measure, metrics
-from .bench_vlm_speed import DTYPES
 from .measure import Config, Pass
 
 BASELINES = ("full", "truncation")
@@ -162,12 +161,6 @@ def estimate(config: ModernBertConfig, configs: Sequence[Config], lengths, batch
     return [work(n, 1.0) + rounds(repeats, n) * sum(work(n, c.keep) for c in configs) for n in lengths]
 
 
-def build(config: ModernBertConfig, dtype: torch.dtype) -> nn.Module:
-    """The model with random weights (transformers' own initialisation, seeded), in `dtype`."""
-    torch.manual_seed(0)
-    return ModernBertModel._from_config(config, dtype=dtype).eval()
-
-
 def run(
     methods: str = METHODS,
     keeps: tuple[float, ...] = KEEPS,
@@ -182,13 +175,12 @@ def run(
     sequences per batch at every length (default `default_batch`); `config`: another ModernBERT
     configuration than ModernBERT-base's (tests run a tiny one)."""
     measure.check_positive(batch_size=batch_size, repeats=repeats)
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    measure.check_dtype(dtype)
     config = modernbert_base() if config is None else config
     lengths = check_lengths(lengths, config)
     names = measure.method_names(methods, BASELINES)
     configs = measure.configs_for(names, list(keeps), {}, BASELINES)
-    model = build(config, DTYPES[dtype])
+    model = measure.random_model(ModernBertModel, config, dtype)
     for c in configs[1:]:  # a method this model refuses fails now, not after the first length
         if c.method not in BASELINES:
             apply(model, c.method, keep=c.keep)

@@ -30,7 +30,6 @@ METHODS = "random,pool,aim,divprune,cdpruner,fastv"  # the operators Qwen2-VL ta
 KEEPS = (0.25, 0.11)
 IMAGE_SIZE = 448
 PREFIX, QUESTION = 20, 12  # a chat template's system and user lines; a short question and the reply's start
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 #: Qwen/Qwen2-VL-2B-Instruct's config.json (transformers 5 names: rope_parameters for rope_scaling)
 QWEN2_VL_2B = dict(
@@ -144,12 +143,6 @@ class SpeedTask:
         return {"visual": visual(quality) / visual(full)}
 
 
-def build(config: Qwen2VLConfig, dtype: torch.dtype) -> nn.Module:
-    """The model with random weights (transformers' own initialisation), in `dtype`."""
-    torch.manual_seed(0)
-    return Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype).eval()
-
-
 def run(
     methods: str = METHODS,
     keeps: tuple[float, ...] = KEEPS,
@@ -162,13 +155,12 @@ def run(
     """Run the speed bench; results as a JSON-ready dict ({"meta", "rows", "notes"}). `config`: another
     Qwen2-VL configuration than `QWEN2_VL_2B` (tests run a tiny one)."""
     measure.check_positive(repeats=repeats)
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    measure.check_dtype(dtype)
     config = qwen2_vl_2b() if config is None else config
-    inputs = prompt(config, image_size, DTYPES[dtype])
+    inputs = prompt(config, image_size, measure.DTYPES[dtype])
     names = measure.method_names(methods, BASELINES, kind="visual")
     configs = measure.configs_for(names, list(keeps), {}, BASELINES, kind="visual")
-    model = build(config, DTYPES[dtype])
+    model = measure.random_model(Qwen2VLForConditionalGeneration, config, dtype)
     for c in configs[1:]:  # an operator this model refuses fails now, not after the first round
         apply(model, c.method, keep=c.keep)
         remove(model)

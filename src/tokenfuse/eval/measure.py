@@ -106,6 +106,24 @@ def configs_for(
     return out
 
 
+#: the dtypes the speed benches on random weights run in (`--dtype`)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def random_model(model_class: type, config: Any, dtype: str) -> nn.Module:
+    """A speed bench's model: `model_class` built from `config` with random weights (transformers'
+    own initialisation, seeded), in the dtype named (one of `DTYPES`)."""
+    torch.manual_seed(0)
+    return model_class._from_config(config, dtype=DTYPES[check_dtype(dtype)]).eval()
+
+
+def check_dtype(dtype: str) -> str:
+    """The `--dtype` of a speed bench, checked before any work."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    return dtype
+
+
 def check_positive(**values: int | None) -> None:
     """Counts a run is asked for (batch size, repeats, ...): each must be at least 1 where given."""
     for name, value in values.items():
