@@ -14,8 +14,8 @@ from tokenfuse import cli
 from tokenfuse.assets import fmnist
 from tokenfuse.core import schedule as sched
 from tokenfuse.eval import calibrate, metrics, speed_match
-from tokenfuse.eval.calibrate.speed import BAND
-from tokenfuse.eval.measure import Pass
+from tokenfuse.eval.calibrate.speed import BAND, FINAL_BAND, search_at_speed
+from tokenfuse.eval.measure import Config, Pass
 
 
 def test_search_finds_the_preferred_method_shape_and_option():
@@ -178,14 +178,51 @@ def tiny_text_model(tmp_path, tokenizer) -> Path:
     return folder
 
 
-def scripted_timings(task, configs, repeats, step=lambda _: None):
+def scripted_timings(task, configs, repeats, step=lambda _: None, slower: float = 1.0):
     """`measure.timings` with known times, for the speed search: the full model 1 s, truncation keep s,
-    a method 1.1 keep s (its overhead). A tiny model's real speedups are all overhead and load."""
+    a method 1.1 keep s (its overhead), `slower` times that. A tiny model's real speedups are all
+    overhead and load."""
     seconds = {"full": lambda k: 1.0, "truncation": lambda k: k}
     return [
-        [Pass({}, np.zeros((1, 1, 2)), seconds.get(c.method, lambda k: 1.1 * k)(c.keep), 0.0)] * repeats
+        [Pass({}, np.zeros((1, 1, 2)), seconds.get(c.method, lambda k: 1.1 * slower * k)(c.keep), 0.0)]
+        * repeats
         for c in configs
     ]
+
+
+@pytest.mark.parametrize(
+    ("slower", "preferred", "above", "chosen_gamma"),
+    [(1.0, 0.5, 0.42, 0.5), (1.08, 0.5, 0.42, None), (1.08, 1.0, 0.0, None)],
+)
+def test_the_final_keep_is_timed_on_the_timing_set_where_a_shape_must_beat_the_constant(
+    monkeypatch, slower, preferred, above, chosen_gamma
+):
+    """Stage 5 of the search at a speed: the choice's keep is searched again on the timing set (here
+    the method runs `slower` there than on the calibration set), and a shape that won at the
+    calibration set's keep stays only if it reaches the speed and beats its method's constant
+    schedule there. The scripted objective prefers power `preferred` above work `above` and the
+    constant below it: truncation@0.5 is matched at keep 0.431 on the calibration set, and at 0.405
+    on a timing set 8% slower, which power 0.5 can reach and lose at, and power 1.0 cannot reach
+    (its least keep is 0.429)."""
+    calibration, timing = object(), object()
+
+    def timings(task, configs, repeats, step=lambda _: None):
+        return scripted_timings(task, configs, repeats, step, slower if task is timing else 1.0)
+
+    def score(candidate):
+        bonus = 0.02 if sched.work(candidate.schedule) > above else -0.02
+        return np.linspace(0.9, 0.91, 8) + (bonus if candidate.gamma == preferred else 0.0)
+
+    monkeypatch.setattr(speed_match, "timings", timings)
+    target = Config("truncation", 0.5)
+    chosen = search_at_speed(score, calibration, timing, target, 0.5, 6, ("tome",), 1.0, calibrate.config_of)
+    assert BAND[0] <= chosen.ratios["calibration set"] <= BAND[1]
+    assert FINAL_BAND[0] <= chosen.ratios["timing set"] <= FINAL_BAND[1]
+    assert chosen.ratios["timing set"] == pytest.approx(0.5 / (1.1 * slower * chosen.keep))
+    best = chosen.trials[0].candidate
+    assert sched.work(best.schedule) == pytest.approx(chosen.keep, abs=1e-6)
+    assert best.gamma == chosen_gamma
+    assert chosen.keep == pytest.approx(0.431 if slower == 1.0 else 0.405, abs=0.002)
 
 
 @pytest.mark.slow
@@ -197,14 +234,16 @@ def test_calibrate_at_a_speed_finds_the_keep_that_reaches_it(tiny_text_model, tm
     evaluation compares it with the baseline at its own keep."""
     monkeypatch.setattr(speed_match, "timings", scripted_timings)
     out, results = tmp_path / "config.json", tmp_path / "results.json"
-    args = ["calibrate", "--model", str(tiny_text_model), *budget, "--calib-size", "4"]
+    args = ["calibrate", "--model", str(tiny_text_model), *budget, "--calib-size", "4", "--timing-size", "8"]
     args += ["--holdout", "6", "--time-limit", "1", "--method", "tome,mctf", "--max-length", "64"]
     args += ["--eval-repeats", "1", "--no-progress", "--out", str(out), "--json", str(results)]
     assert cli.main(args) == 0
     config = json.loads(out.read_text())
-    (ratio,) = config["found"]["speed_over_target_on_calibration"]
-    assert BAND[0] >= 1.03 and BAND[0] <= ratio <= BAND[1]
-    assert ratio == pytest.approx(0.5 / (1.1 * config["keep"]))
+    ratios = config["found"]["speed_over_target"]
+    assert BAND[0] >= 1.03 and BAND[0] <= ratios["calibration set"] <= BAND[1]
+    assert FINAL_BAND[0] >= 1.02 and FINAL_BAND[0] <= ratios["timing set"] <= FINAL_BAND[1]
+    assert ratios["timing set"] == pytest.approx(0.5 / (1.1 * config["keep"]))
+    assert config["found"]["timing_inputs"] == [10, 18]  # after 6 held out and 4 calibration texts
     assert sched.work(config["schedule"]) == pytest.approx(config["keep"], abs=1e-6)
     rows = {r["name"]: r for r in json.loads(results.read_text())["rows"]}
     baseline = "truncation@0.5" if "--speed-of" in budget else "truncation"

@@ -208,6 +208,7 @@ def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
         speedup=args.speedup,
         speed_of=args.speed_of,
         calib_size=args.calib_size,
+        timing_size=args.timing_size,
         methods=_names(args.method) or calibrate.METHODS,
         time_limit=args.time_limit,
         repeats=args.repeats,
@@ -245,6 +246,10 @@ def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
         )
         + (f"; temperature {config['temperature']:.3f}" if "temperature" in config else "")
     )
+    if found["speed_over_target"]:
+        ratios = ", ".join(f"{r:.3f} on the {name}" for name, r in found["speed_over_target"].items())
+        first, end = found["timing_inputs"]
+        err.print(f"speed over the target's: {ratios} (timing set: inputs {first} to {end})")
     spread = results["meta"]["spread"]
     if len(spread["heldout"]) > 1:
         values = ", ".join(f"{v:.4f}" for v in spread["heldout"])

@@ -190,6 +190,12 @@ def parser() -> argparse.ArgumentParser:
         "(fmnist-vit)",
     )
     c.add_argument("--calib-size", type=int, default=64, help="calibration inputs per set")
+    c.add_argument(
+        "--timing-size",
+        type=int,
+        help="at --speedup / --speed-of: inputs after the calibration sets on which the chosen "
+        "configuration's speed is timed last (default 256 texts, 1000 images)",
+    )
     c.add_argument("--method", help="search this method only (default: tome, mctf, transforming, pitome)")
     c.add_argument("--time-limit", type=float, default=180, help="seconds of search per calibration set")
     c.add_argument("--repeats", type=int, default=1, help="disjoint calibration sets, for the spread")

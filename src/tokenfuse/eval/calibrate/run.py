@@ -43,11 +43,11 @@ def config_record(best: Trial, keep: float, how: dict[str, Any]) -> dict[str, An
 class Found:
     """The outcome of calibrating on one set: trials as `search` orders them (the chosen first),
     the chosen keep, at a speed budget the chosen configuration's speed over the target's as timed
-    on the set, and where the set starts."""
+    on the calibration set and on the timing set, and where the set starts."""
 
     trials: list[Trial]
     keep: float
-    measured: list[float]
+    measured: dict[str, float]
     first: int
 
     @property
@@ -57,13 +57,15 @@ class Found:
 
 @dataclass
 class Settings:
-    """What a calibration run is asked for, recorded with its results. `holdout` and `batch_size`
-    default per task (400 texts at batch 16; 500 images at the classifier's batch)."""
+    """What a calibration run is asked for, recorded with its results. `holdout`, `batch_size` and
+    `timing_size` default per task (400 texts at batch 16, 256 texts timed; 500 images at the
+    classifier's batch, 1,000 images timed)."""
 
     keep: float | None = None
     speedup: float | None = None
     speed_of: str | None = None  # 'truncation@0.5': the speedup of that baseline, measured in the run
     calib_size: int = 64
+    timing_size: int | None = None  # at a speed budget: inputs after the calibration sets, timed
     methods: Sequence[str] = METHODS
     time_limit: float = 180.0
     repeats: int = 1
@@ -102,6 +104,7 @@ class Settings:
             holdout=self.holdout,
             batch_size=self.batch_size,
             eval_repeats=self.eval_repeats,
+            timing_size=self.timing_size,
             max_length=self.max_length,
         )
         if isinstance(target, Config):
@@ -119,13 +122,16 @@ class Settings:
         return targets[0]
 
     def starts(self, total: int, what: str) -> list[int]:
-        """Where each calibration set begins: after the held-out inputs, disjoint."""
-        if self.holdout + self.calib_size * self.repeats > total:
+        """Where each calibration set begins, and then where the timing set does (at a speed budget,
+        to time `timing_size` inputs): after the held-out inputs, disjoint."""
+        timing = 0 if self.speedup is None and self.speed_of is None else self.timing_size
+        if self.holdout + self.calib_size * self.repeats + timing > total:
+            timed = f" plus {timing} timing" if timing else ""
             raise ValueError(
-                f"{self.holdout} held-out plus {self.repeats} x {self.calib_size} calibration {what} exceed "
-                f"the {total} available; lower --calib-size, --repeats or --holdout"
+                f"{self.holdout} held-out plus {self.repeats} x {self.calib_size} calibration{timed} {what} "
+                f"exceed the {total} available; lower --calib-size, --repeats, --holdout or --timing-size"
             )
-        return [self.holdout + r * self.calib_size for r in range(self.repeats)]
+        return [self.holdout + r * self.calib_size for r in range(self.repeats + 1)]
 
     def record(self, data: str) -> dict[str, Any]:
         """The arguments as the results' meta holds them: what applies to this task only."""
@@ -141,12 +147,14 @@ def calibrate_sets(
     objective: Callable[[int], tuple[Callable[[Candidate], np.ndarray], measure.Task]],
     settings: Settings,
     starts: list[int],
+    timing: measure.Task | None = None,
     task: str = "text",
 ) -> list[Found]:
     """Search on each calibration set. objective(first) gives, for the set starting at `first`, its
     score function and the set as a bench task (`measure.Task`), to time a speed target on. At a
     work budget, the staged `search`; at a speed (`speedup`, `speed_of`, whose baseline is the
-    `task`'s), `speed.search_at_speed`, timed on the set as the bench times."""
+    `task`'s), `speed.search_at_speed`, timed on the set and last on the `timing` set as the bench
+    times."""
     num_layers = model.config.num_hidden_layers
     keep, target = settings.budget(task), settings.target(task)
     found = []
@@ -160,11 +168,12 @@ def calibrate_sets(
             score, subject = objective(first)
             if target is None:
                 trials = search(score, keep, num_layers, settings.methods, settings.time_limit, say)
-                found.append(Found(trials, keep, [], first))
+                found.append(Found(trials, keep, {}, first))
             else:
-                trials, k, ratio = search_at_speed(
+                chosen = search_at_speed(
                     score,
                     subject,
+                    timing,
                     target,
                     keep,
                     num_layers,
@@ -173,7 +182,7 @@ def calibrate_sets(
                     lambda c, k: config_of(c, k),
                     say,
                 )
-                found.append(Found(trials, k, [ratio], first))
+                found.append(Found(chosen.trials, chosen.keep, chosen.ratios, first))
             bar.remove_task(task_bar)
     return found
 
@@ -193,6 +202,7 @@ def results(
     best = first.trials[0]
     num_layers = len(best.candidate.schedule) - 1
     baseline = constant(best.candidate.method, first.keep, num_layers)
+    timed = arguments["holdout"] + arguments["calib_size"] * arguments["repeats"]  # `Settings.starts`
     how = {
         "model": arguments["model"],
         "data": arguments["data"],
@@ -205,7 +215,8 @@ def results(
         "time_limit": arguments["time_limit"],
         "speedup_target": arguments["speedup"],
         "speed_of": arguments["speed_of"],
-        "speed_over_target_on_calibration": first.measured,
+        "timing_inputs": [timed, timed + arguments["timing_size"]] if first.measured else None,
+        "speed_over_target": first.measured,
     }
     config = config_record(best, first.keep, how)
     row = next(r for r in rows if r["name"] == "calibrated")

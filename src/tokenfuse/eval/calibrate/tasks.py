@@ -28,10 +28,11 @@ def run_text(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         settings,
         holdout=400 if settings.holdout is None else settings.holdout,
         batch_size=16 if settings.batch_size is None else settings.batch_size,
+        timing_size=256 if settings.timing_size is None else settings.timing_size,
     )
     s.budget()  # fail on a bad budget before loading anything
     docs = data.bbc_news()
-    starts = s.starts(len(docs.texts), "documents")
+    *starts, timed = s.starts(len(docs.texts), "documents")
     model, tokenizer = data.load_text_model(s.model)
 
     def documents(first: int, count: int, lp: data.Similarity | None = None) -> bench_text.TextTask:
@@ -51,7 +52,7 @@ def run_text(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         return score, task
 
     start = time.monotonic()
-    found = calibrate_sets(model, objective, s, starts)
+    found = calibrate_sets(model, objective, s, starts, documents(timed, s.timing_size))
     seconds = time.monotonic() - start
     configs = calibrated_configs(found, ("truncation",), s.target("text"))
     with progress_bar(s.progress) as bar:
@@ -83,11 +84,16 @@ def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     is the vision bench's, the first `holdout` test images; the calibration sets follow it. With
     `fit_temperature`, a temperature is fitted on the calibration set's labels and stored in the config."""
     s = dataclasses.replace(
-        settings, model="fmnist-vit", holdout=500 if settings.holdout is None else settings.holdout
+        settings,
+        model="fmnist-vit",
+        holdout=500 if settings.holdout is None else settings.holdout,
+        timing_size=1000 if settings.timing_size is None else settings.timing_size,
     )
     s.budget("vision")  # fail on a bad budget before loading anything
-    subject = bench_vision.classifier(s.holdout + s.calib_size * s.repeats, s.data_path, s.batch_size)
-    starts = s.starts(len(subject.labels), "images")
+    at_speed = s.target("vision") is not None
+    total = s.holdout + s.calib_size * s.repeats + s.timing_size * at_speed
+    subject = bench_vision.classifier(total, s.data_path, s.batch_size)
+    *starts, timed = s.starts(len(subject.labels), "images")
     s.batch_size, model = subject.batch_size, subject.model
 
     def log_probs(images: bench_vision.Subject, config: measure.Config) -> np.ndarray:
@@ -104,7 +110,7 @@ def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         return score, images
 
     start = time.monotonic()
-    found = calibrate_sets(model, objective, s, starts, "vision")
+    found = calibrate_sets(model, objective, s, starts, subject.inputs(timed, s.timing_size), "vision")
     extra = {}
     if s.fit_temperature:
         first = found[0]
