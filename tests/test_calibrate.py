@@ -201,7 +201,7 @@ def test_the_final_keep_is_timed_on_the_timing_set_where_a_shape_must_beat_the_c
     the method runs `slower` there than on the calibration set), and a shape that won at the
     calibration set's keep stays only if it reaches the speed and beats its method's constant
     schedule there. The scripted objective prefers power `preferred` above work `above` and the
-    constant below it: truncation@0.5 is matched at keep 0.431 on the calibration set, and at 0.405
+    constant below it: truncation@0.5 is matched at keep 0.431 on the calibration set, and at 0.397
     on a timing set 8% slower, which power 0.5 can reach and lose at, and power 1.0 cannot reach
     (its least keep is 0.429)."""
     calibration, timing = object(), object()
@@ -222,7 +222,8 @@ def test_the_final_keep_is_timed_on_the_timing_set_where_a_shape_must_beat_the_c
     best = chosen.trials[0].candidate
     assert sched.work(best.schedule) == pytest.approx(chosen.keep, abs=1e-6)
     assert best.gamma == chosen_gamma
-    assert chosen.keep == pytest.approx(0.431 if slower == 1.0 else 0.405, abs=0.002)
+    assert (chosen.constant is not None) == (chosen_gamma is not None)  # the rival a shape beat, recorded
+    assert chosen.keep == pytest.approx(0.431 if slower == 1.0 else 0.397, abs=0.002)
 
 
 @pytest.mark.slow
@@ -241,7 +242,7 @@ def test_calibrate_at_a_speed_finds_the_keep_that_reaches_it(tiny_text_model, tm
     config = json.loads(out.read_text())
     ratios = config["found"]["speed_over_target"]
     assert BAND[0] >= 1.03 and BAND[0] <= ratios["calibration set"] <= BAND[1]
-    assert FINAL_BAND[0] >= 1.02 and FINAL_BAND[0] <= ratios["timing set"] <= FINAL_BAND[1]
+    assert FINAL_BAND[0] >= 1.04 and FINAL_BAND[0] <= ratios["timing set"] <= FINAL_BAND[1]
     assert ratios["timing set"] == pytest.approx(0.5 / (1.1 * config["keep"]))
     assert config["found"]["timing_inputs"] == [10, 18]  # after 6 held out and 4 calibration texts
     assert sched.work(config["schedule"]) == pytest.approx(config["keep"], abs=1e-6)

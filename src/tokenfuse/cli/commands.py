@@ -239,11 +239,7 @@ def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
         f"configuration written to {args.out}: {config['method']}, schedule {found['shape']}, options "
         f"{config['options'] or 'default'}; {found['objective']} on the calibration set "
         f"{found['calibration_score']:.4f} "
-        + (
-            "(the constant schedule at this keep was not scored on it: see the held-out table's constant row)"
-            if found["constant_score"] is None
-            else f"(constant schedule: {found['constant_score']:.4f})"
-        )
+        + _constant_score(found)
         + (f"; temperature {config['temperature']:.3f}" if "temperature" in config else "")
     )
     if found["speed_over_target"]:
@@ -258,6 +254,17 @@ def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
             f"range {spread['range']:.4f}"
         )
     return results
+
+
+def _constant_score(found: dict[str, Any]) -> str:
+    """The calibration score of the method's constant schedule, the choice's baseline."""
+    if found["constant_score"] is not None:
+        return f"(constant schedule: {found['constant_score']:.4f})"
+    if found.get("constant_at_speed"):
+        at = found["constant_at_speed"]
+        keep, score = at["keep"], at["calibration_score"]
+        return f"(its constant schedule at the same speed, keep {keep:.3g}: {score:.4f})"
+    return "(the constant schedule at this keep was not scored on it: see the held-out table's constant row)"
 
 
 def show(results: dict[str, Any], json_path: Path | None, out: Console, err: Console) -> int:

@@ -49,6 +49,7 @@ class Found:
     keep: float
     measured: dict[str, float]
     first: int
+    constant: dict[str, float] | None = None  # at a speed: the method's constant schedule there
 
     @property
     def best(self) -> Candidate:
@@ -182,7 +183,7 @@ def calibrate_sets(
                     lambda c, k: config_of(c, k),
                     say,
                 )
-                found.append(Found(chosen.trials, chosen.keep, chosen.ratios, first))
+                found.append(Found(chosen.trials, chosen.keep, chosen.ratios, first, chosen.constant))
             bar.remove_task(task_bar)
     return found
 
@@ -211,6 +212,7 @@ def results(
         "calib_size": arguments["calib_size"],
         "calibration_inputs": [first.first, first.first + arguments["calib_size"]],
         "constant_score": next((t.score for t in first.trials if t.candidate == baseline), None),
+        "constant_at_speed": first.constant,
         "trials": len(first.trials),
         "time_limit": arguments["time_limit"],
         "speedup_target": arguments["speedup"],

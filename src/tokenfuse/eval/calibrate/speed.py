@@ -32,20 +32,23 @@ from .search import Candidate, Trial, Z, constant, search, shaped
 #: speed / target speed on the calibration set (stages 1-3): at least 3% faster, by at most 8%, a
 #: margin for the few inputs it is timed on
 BAND = (1.03, 1.08)
-#: speed / target speed on the timing set (stage 5): at least 2% faster, by at most 6%, a margin for
-#: the run that evaluates it (README)
-FINAL_BAND = (1.02, 1.06)
+#: speed / target speed on the timing set (stage 5): at least 4% faster, by at most 8%, a margin for
+#: the run that evaluates it: the same configuration and documents timed in three runs gave 0.999,
+#: 1.037 and 1.056 of truncation's speed (README)
+FINAL_BAND = (1.04, 1.08)
 ROUNDS = 3  # interleaved timing rounds of each probe
 
 
 @dataclasses.dataclass
 class Chosen:
     """The outcome: the trials (the chosen first), its keep and its speed over the target's on the
-    calibration set and on the timing set."""
+    calibration set and on the timing set, and its method's constant schedule at the same speed
+    ({"keep", "calibration_score"}) where the choice is a shape."""
 
     trials: list[Trial]
     keep: float
     ratios: dict[str, float]
+    constant: dict[str, float] | None = None
 
 
 def reshaped(candidate: Candidate, keep: float, num_layers: int) -> Candidate | None:
@@ -124,4 +127,7 @@ def search_at_speed(
         [final[pick], *sorted(others, key=lambda t: -t.score)],
         ends[pick][0],
         {"calibration set": ratio, "timing set": ends[pick][1]},
+        {"keep": ends["constant"][0], "calibration_score": final["constant"].score}
+        if pick == "chosen" and "constant" in final
+        else None,
     )
