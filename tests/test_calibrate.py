@@ -132,9 +132,10 @@ def test_apply_takes_a_calibrated_configuration(tmp_path):
 def test_calibrate_command_end_to_end(tmp_path, capsys):
     out, results = tmp_path / "config.json", tmp_path / "results.json"
     args = ["calibrate", "--keep", "0.5", "--calib-size", "4", "--holdout", "8", "--time-limit", "3"]
-    args += ["--method", "tome", "--max-length", "128", "--eval-repeats", "1", "--no-progress"]
-    assert cli.main([*args, "--out", str(out), "--json", str(results)]) == 0
+    args += ["--method", "tome", "--max-length", "128", "--short-length", "32", "--eval-repeats", "1"]
+    assert cli.main([*args, "--no-progress", "--out", str(out), "--json", str(results)]) == 0
     config = json.loads(out.read_text())
+    assert config["found"]["objective"].endswith("documents cut to 128 and 32 tokens")  # both lengths
     assert config["method"] == "tome" and sched.work(config["schedule"]) == pytest.approx(0.5, abs=1e-6)
     assert config["found"]["calib_size"] == 4 and config["found"]["calibration_inputs"] == [8, 12]
     evaluation = json.loads(results.read_text())
@@ -241,6 +242,7 @@ def test_calibrate_at_a_speed_finds_the_keep_that_reaches_it(tiny_text_model, tm
     assert cli.main(args) == 0
     config = json.loads(out.read_text())
     ratios = config["found"]["speed_over_target"]
+    assert config["found"]["objective"].endswith("cut to 64 tokens")  # the short length is not below 64
     assert BAND[0] >= 1.03 and BAND[0] <= ratios["calibration set"] <= BAND[1]
     assert FINAL_BAND[0] >= 1.04 and FINAL_BAND[0] <= ratios["timing set"] <= FINAL_BAND[1]
     assert ratios["timing set"] == pytest.approx(0.5 / (1.1 * config["keep"]))

@@ -217,6 +217,7 @@ def calibrate(args: argparse.Namespace, err: Console) -> dict[str, Any]:
         eval_repeats=args.eval_repeats,
         model=args.model,
         max_length=args.max_length,
+        short_length=args.short_length or None,
         fit_temperature=args.fit_temperature,
         data_path=args.data_path,
         progress=not args.no_progress,

@@ -200,6 +200,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--time-limit", type=float, default=180, help="seconds of search per calibration set")
     c.add_argument("--repeats", type=int, default=1, help="disjoint calibration sets, for the spread")
     c.add_argument("--holdout", type=int, help="held-out inputs for the evaluation (400 texts, 500 images)")
+    c.add_argument(
+        "--short-length",
+        type=int,
+        default=128,
+        help="text: the calibration documents are scored also cut to this many tokens, so that a "
+        "schedule fitted to long inputs that squeezes short ones is not chosen (0: at --max-length only)",
+    )
     c.add_argument("--fit-temperature", action="store_true", help="classifiers: fit a temperature too")
     c.add_argument(
         "--max-length", type=int, default=512, help="text: tokens per text; longer texts are truncated"

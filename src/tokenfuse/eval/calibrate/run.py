@@ -75,6 +75,7 @@ class Settings:
     eval_repeats: int = 3
     model: str = "minilm"
     max_length: int = 512  # text only
+    short_length: int | None = 128  # text only: also scored cut to this length (`tasks.run_text`)
     fit_temperature: bool = False  # classifiers only
     data_path: str | None = None  # classifiers only: the Fashion-MNIST folder
     progress: bool = True
@@ -107,6 +108,7 @@ class Settings:
             eval_repeats=self.eval_repeats,
             timing_size=self.timing_size,
             max_length=self.max_length,
+            short_length=self.short_length,
         )
         if isinstance(target, Config):
             return target.keep
@@ -136,9 +138,9 @@ class Settings:
 
     def record(self, data: str) -> dict[str, Any]:
         """The arguments as the results' meta holds them: what applies to this task only."""
-        other = "max_length" if data == "fmnist" else "fit_temperature"
+        others = ("max_length", "short_length") if data == "fmnist" else ("fit_temperature",)
         record = dataclasses.asdict(self)
-        for key in ("progress", "data_path", other):
+        for key in ("progress", "data_path", *others):
             del record[key]
         return {**record, "data": data, "methods": list(self.methods)}
 
