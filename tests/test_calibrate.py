@@ -224,6 +224,7 @@ def test_the_final_keep_is_timed_on_the_timing_set_where_a_shape_must_beat_the_c
     assert sched.work(best.schedule) == pytest.approx(chosen.keep, abs=1e-6)
     assert best.gamma == chosen_gamma
     assert (chosen.constant is not None) == (chosen_gamma is not None)  # the rival a shape beat, recorded
+    assert chosen.probes[-1] == (chosen.keep, chosen.ratios["timing set"])  # stage 5's probes, recorded
     assert chosen.keep == pytest.approx(0.431 if slower == 1.0 else 0.397, abs=0.002)
 
 
@@ -246,6 +247,7 @@ def test_calibrate_at_a_speed_finds_the_keep_that_reaches_it(tiny_text_model, tm
     assert BAND[0] >= 1.03 and BAND[0] <= ratios["calibration set"] <= BAND[1]
     assert FINAL_BAND[0] >= 1.04 and FINAL_BAND[0] <= ratios["timing set"] <= FINAL_BAND[1]
     assert ratios["timing set"] == pytest.approx(0.5 / (1.1 * config["keep"]))
+    assert [config["keep"], ratios["timing set"]] in config["found"]["timing_probes"]
     assert config["found"]["timing_inputs"] == [10, 18]  # after 6 held out and 4 calibration texts
     assert sched.work(config["schedule"]) == pytest.approx(config["keep"], abs=1e-6)
     rows = {r["name"]: r for r in json.loads(results.read_text())["rows"]}

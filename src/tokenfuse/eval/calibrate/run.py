@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ class Found:
     measured: dict[str, float]
     first: int
     constant: dict[str, float] | None = None  # at a speed: the method's constant schedule there
+    probes: list[tuple[float, float]] = field(default_factory=list)  # (keep, ratio) on the timing set
 
     @property
     def best(self) -> Candidate:
@@ -185,7 +186,9 @@ def calibrate_sets(
                     lambda c, k: config_of(c, k),
                     say,
                 )
-                found.append(Found(chosen.trials, chosen.keep, chosen.ratios, first, chosen.constant))
+                found.append(
+                    Found(chosen.trials, chosen.keep, chosen.ratios, first, chosen.constant, chosen.probes)
+                )
             bar.remove_task(task_bar)
     return found
 
@@ -215,6 +218,7 @@ def results(
         "calibration_inputs": [first.first, first.first + arguments["calib_size"]],
         "constant_score": next((t.score for t in first.trials if t.candidate == baseline), None),
         "constant_at_speed": first.constant,
+        "timing_probes": [list(p) for p in first.probes],
         "trials": len(first.trials),
         "time_limit": arguments["time_limit"],
         "speedup_target": arguments["speedup"],

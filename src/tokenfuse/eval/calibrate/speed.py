@@ -49,6 +49,7 @@ class Chosen:
     keep: float
     ratios: dict[str, float]
     constant: dict[str, float] | None = None
+    probes: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # stage 5's (keep, ratio)
 
 
 def reshaped(candidate: Candidate, keep: float, num_layers: int) -> Candidate | None:
@@ -130,4 +131,5 @@ def search_at_speed(
         {"keep": ends["constant"][0], "calibration_score": final["constant"].score}
         if pick == "chosen" and "constant" in final
         else None,
+        finals[pick].search.measured,
     )
