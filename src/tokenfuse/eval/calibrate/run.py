@@ -125,17 +125,28 @@ class Settings:
             raise ValueError(f"--speed-of {self.speed_of}: give one baseline, e.g. --speed-of {one}")
         return targets[0]
 
+    @property
+    def at_speed(self) -> bool:
+        """The budget is a measured speed (`speedup`, `speed_of`), not a work fraction."""
+        return self.speedup is not None or self.speed_of is not None
+
+    @property
+    def timing_inputs(self) -> tuple[int, int] | None:
+        """At a speed budget, the timing set's inputs [first, end): after the calibration sets."""
+        first = self.holdout + self.calib_size * self.repeats
+        return (first, first + self.timing_size) if self.at_speed else None
+
     def starts(self, total: int, what: str) -> list[int]:
-        """Where each calibration set begins, and then where the timing set does (at a speed budget,
-        to time `timing_size` inputs): after the held-out inputs, disjoint."""
-        timing = 0 if self.speedup is None and self.speed_of is None else self.timing_size
-        if self.holdout + self.calib_size * self.repeats + timing > total:
-            timed = f" plus {timing} timing" if timing else ""
+        """Where each calibration set begins: after the held-out inputs, disjoint, and before the
+        timing set (`timing_inputs`)."""
+        timing = self.timing_inputs
+        if (timing[1] if timing else self.holdout + self.calib_size * self.repeats) > total:
+            timed = f" plus {self.timing_size} timing" if timing else ""
             raise ValueError(
                 f"{self.holdout} held-out plus {self.repeats} x {self.calib_size} calibration{timed} {what} "
                 f"exceed the {total} available; lower --calib-size, --repeats, --holdout or --timing-size"
             )
-        return [self.holdout + r * self.calib_size for r in range(self.repeats + 1)]
+        return [self.holdout + r * self.calib_size for r in range(self.repeats)]
 
     def record(self, data: str) -> dict[str, Any]:
         """The arguments as the results' meta holds them: what applies to this task only."""
@@ -143,7 +154,7 @@ class Settings:
         record = dataclasses.asdict(self)
         for key in ("progress", "data_path", *others):
             del record[key]
-        return {**record, "data": data, "methods": list(self.methods)}
+        return {**record, "data": data, "methods": list(self.methods), "timing_inputs": self.timing_inputs}
 
 
 def calibrate_sets(
@@ -208,7 +219,6 @@ def results(
     best = first.trials[0]
     num_layers = len(best.candidate.schedule) - 1
     baseline = constant(best.candidate.method, first.keep, num_layers)
-    timed = arguments["holdout"] + arguments["calib_size"] * arguments["repeats"]  # `Settings.starts`
     how = {
         "model": arguments["model"],
         "data": arguments["data"],
@@ -223,7 +233,7 @@ def results(
         "time_limit": arguments["time_limit"],
         "speedup_target": arguments["speedup"],
         "speed_of": arguments["speed_of"],
-        "timing_inputs": [timed, timed + arguments["timing_size"]] if first.measured else None,
+        "timing_inputs": arguments["timing_inputs"] and list(arguments["timing_inputs"]),
         "speed_over_target": first.measured,
     }
     config = config_record(best, first.keep, how)

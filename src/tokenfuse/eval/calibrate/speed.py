@@ -33,8 +33,7 @@ from .search import Candidate, Trial, Z, constant, search, shaped
 #: margin for the few inputs it is timed on
 BAND = (1.03, 1.08)
 #: speed / target speed on the timing set (stage 5): at least 4% faster, by at most 8%, a margin for
-#: the run that evaluates it: the same configuration and documents timed in three runs gave 0.999,
-#: 1.037 and 1.056 of truncation's speed (README)
+#: the run that evaluates it, whose timings differ from the search's by a few percent (README)
 FINAL_BAND = (1.04, 1.08)
 ROUNDS = 3  # interleaved timing rounds of each probe
 
@@ -121,6 +120,7 @@ def search_at_speed(
     if "constant" in finals:
         final["constant"] = scored(default, ends["constant"][0])
     fast = [n for n in final if ends[n][1] >= FINAL_BAND[0]] or [max(final, key=lambda n: ends[n][1])]
+    # the shape ("chosen", first) against the constant where both reach the speed
     pick = fast[-1] if len(fast) > 1 and not final["chosen"].beats(final["constant"], Z) else fast[0]
     made = [t for trials in searched.values() for t in trials] + [best, *final.values()]
     others = list({id(t): t for t in made if t is not final[pick]}.values())

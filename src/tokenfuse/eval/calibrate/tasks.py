@@ -27,10 +27,9 @@ def run_text(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     disjoint.
 
     Why the short copies: a configuration runs on inputs of every length, and a schedule fitted to
-    long ones can squeeze short ones. At truncation@0.7's speed, fitted to documents of up to 512
-    tokens, the search chose a back-loaded shape (19% of tokens at the last layer) that beat ToMe's
-    constant schedule on held-out BBC documents (cosine 0.964 against 0.959) and lost on LP50's
-    documents of 53-154 tokens (Pearson r 0.625 against 0.656; README)."""
+    long ones can squeeze short ones: fitted to documents of up to 512 tokens, the search chose a
+    back-loaded shape that beat ToMe's constant schedule on held-out BBC documents and lost on
+    LP50's short ones (README, calibration at a speed)."""
     s = dataclasses.replace(
         settings,
         holdout=400 if settings.holdout is None else settings.holdout,
@@ -39,7 +38,7 @@ def run_text(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     s.budget()  # fail on a bad budget before loading anything
     docs = data.bbc_news()
-    *starts, timed = s.starts(len(docs.texts), "documents")
+    starts = s.starts(len(docs.texts), "documents")
     model, tokenizer = data.load_text_model(s.model)
 
     def documents(
@@ -65,7 +64,8 @@ def run_text(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         return score, tasks[0]
 
     start = time.monotonic()
-    found = calibrate_sets(model, objective, s, starts, documents(timed, s.timing_size))
+    timing = s.timing_inputs and documents(s.timing_inputs[0], s.timing_size)
+    found = calibrate_sets(model, objective, s, starts, timing)
     seconds = time.monotonic() - start
     configs = calibrated_configs(found, ("truncation",), s.target("text"))
     with progress_bar(s.progress) as bar:
@@ -104,10 +104,9 @@ def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         timing_size=1000 if settings.timing_size is None else settings.timing_size,
     )
     s.budget("vision")  # fail on a bad budget before loading anything
-    at_speed = s.target("vision") is not None
-    total = s.holdout + s.calib_size * s.repeats + s.timing_size * at_speed
-    subject = bench_vision.classifier(total, s.data_path, s.batch_size)
-    *starts, timed = s.starts(len(subject.labels), "images")
+    last = s.timing_inputs[1] if s.timing_inputs else s.holdout + s.calib_size * s.repeats
+    subject = bench_vision.classifier(last, s.data_path, s.batch_size)
+    starts = s.starts(len(subject.labels), "images")
     s.batch_size, model = subject.batch_size, subject.model
 
     def log_probs(images: bench_vision.Subject, config: measure.Config) -> np.ndarray:
@@ -124,7 +123,8 @@ def run_classifier(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
         return score, images
 
     start = time.monotonic()
-    found = calibrate_sets(model, objective, s, starts, subject.inputs(timed, s.timing_size), "vision")
+    timing = s.timing_inputs and subject.inputs(s.timing_inputs[0], s.timing_size)
+    found = calibrate_sets(model, objective, s, starts, timing, "vision")
     extra = {}
     if s.fit_temperature:
         first = found[0]
