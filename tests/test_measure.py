@@ -119,7 +119,9 @@ def test_text_is_tokenized_before_the_clock_once_per_prefix(tokenizer, texts, mo
     task = bench_text.TextTask("tiny", model, slow, texts, batch_size=2, max_length=32)
     configs = [FULL, Config("tome", 0.5), Config("truncation", 0.5)]
     passes = measure.timings(task, configs, repeats=1)
-    assert slow.tokenized == 2  # once per prefix: 1.0 (full, tome) and 0.5 (truncation)
+    # full and tome share the documents' batches; truncation's prefix is tokenized in each batch of
+    # documents (`parts`, which timings interleaves), once
+    assert slow.tokenized == 1 + len(task.parts())
     assert all(p.seconds < 0.01 for timed in passes for p in timed)
     # rows in input order, as embed gives them; the trace of each document
     expected = tokenfuse.embed(model, tokenizer, texts, batch_size=2, max_length=32).numpy()
@@ -143,3 +145,64 @@ def test_a_pass_puts_batches_back_in_input_order_and_times_the_forward(monkeypat
     p = measure.run_pass(tiny_bert(layers=2), FULL, True, batches, forward, order=[2, 0, 1])
     assert p.outputs["value"].tolist() == [0.0, 1.0, 2.0]
     assert p.layer_tokens.shape == (3, 2, 2) and p.seconds == pytest.approx(2.001) and p.scoring == 0.0
+
+
+class Parted(Scripted):
+    """A scripted task on four inputs in two parts (positions 3, 1 and 0, 2), each part's rows
+    holding their positions, each part's pass taking half its configuration's seconds."""
+
+    def __init__(self, seconds: dict[str, list[float]], positions=((3, 1), (0, 2))):
+        super().__init__(seconds, {name: 4 for name in seconds})
+        self.positions = positions
+
+    def parts(self):
+        return [(Part(self, i, at), at) for i, at in enumerate(self.positions)]
+
+
+class Part:
+    def __init__(self, whole: Parted, index: int, at: tuple[int, ...]):
+        self.whole, self.index, self.at = whole, index, at
+
+    def run(self, config: Config, warm_up: bool = False) -> Pass:
+        self.whole.calls.append((f"part {self.index}", config.title))
+        seconds = self.whole.seconds[config.title][0] / 2
+        if self.index == 1:
+            self.whole.seconds[config.title].pop(0)
+        rows = np.array(self.at, dtype=float)[:, None]
+        return Pass(
+            {"x": rows}, np.repeat(rows[:, None], 3, 1).repeat(2, 2), seconds, scoring=0.1 * self.index
+        )
+
+
+def test_a_round_runs_every_configuration_on_each_part_in_turn_and_joins_them():
+    """On a shared machine, speed moves within seconds: configurations take turns a batch at a time,
+    and each round's pass is the parts' joined, rows back at their positions."""
+    task = Parted({"full": [2.0, 4.0], "tome": [1.0, 1.0]})
+    passes = measure.timings(task, [FULL, Config("tome", 0.5)], repeats=2)
+    parts = [(f"part {i}", name) for i in (0, 1) for name in ("full", "tome")]
+    assert task.calls == [("warm-up", "full"), *parts, *parts]
+    full, tome = passes
+    assert [p.seconds for p in full] == [2.0, 4.0] and [p.seconds for p in tome] == [1.0, 1.0]
+    assert full[0].outputs["x"][:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert full[0].layer_tokens[:, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert full[1].scoring == pytest.approx(0.05)  # the parts' shares, weighted by their seconds
+
+
+def test_a_configuration_on_another_runtime_is_timed_whole():
+    """A runtime model is built (and compiled) for a task's inputs: its task is not split."""
+    task = Parted({"full": [2.0], "tome+int8": [1.0]})
+    measure.timings(task, [FULL, Config("tome", 0.5, runtime="int8")], repeats=1)
+    assert task.calls == [("warm-up", "full"), ("run", "full"), ("run", "tome+int8")]
+
+
+def test_text_timed_a_batch_at_a_time_gives_the_whole_pass(tokenizer, texts):
+    """The joined pass of the parts is the pass of the whole task: the same batches, rows in order."""
+    model = tiny_bert()
+    task = bench_text.TextTask("tiny", model, tokenizer, texts, batch_size=2, max_length=32)
+    configs = [FULL, Config("tome", 0.5), Config("truncation", 0.5)]
+    assert len(task.parts()) == -(-len(texts) // 2)
+    passes = measure.timings(task, configs, repeats=1)
+    for config, timed in zip(configs, passes, strict=True):
+        whole = task.run(config)
+        np.testing.assert_allclose(timed[0].outputs["embedding"], whole.outputs["embedding"], atol=1e-6)
+        np.testing.assert_array_equal(timed[0].layer_tokens, whole.layer_tokens)

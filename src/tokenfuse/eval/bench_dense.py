@@ -22,7 +22,7 @@ most salient pixels of each map with the full model's, averaged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -65,6 +65,11 @@ class DenseTask:
     @property
     def side(self) -> int:
         return self.pixels.shape[-1]
+
+    def parts(self) -> list[tuple[DenseTask, range]]:
+        """Each batch of the timed images as a task of its own, with their positions."""
+        spans = measure.spans(self.timing, self.batch_size)
+        return [(replace(self, pixels=self.pixels[s.start : s.stop], timing=len(s)), s) for s in spans]
 
     def run(self, config: Config, warm_up: bool = False) -> Pass:
         return self.maps(config, self.batch_size if warm_up else self.timing, keep=False)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..api.pipeline import pooling_of
 from ..api.progress import progress_bar
-from ..api.text import encode_padded, padded_batches, pool
+from ..api.text import TruncationWarning, encode_padded, padded_batches, pool
 from ..assets import text as data
 from ..core.config import load_config
 from . import measure, metrics
@@ -65,6 +65,7 @@ class TextTask:
     labels: np.ndarray | None = None
     lp: data.Similarity | None = None
     others: dict[str, nn.Module] = field(default_factory=dict)
+    part: bool = False  # a batch of another task's texts (`parts`): its truncation was noted there
     _batches: dict[tuple[str, float], list] = field(default_factory=dict, init=False, repr=False)
     _runtimes: dict[tuple, nn.Module] = field(default_factory=dict, init=False, repr=False)
     _warm: set[tuple] = field(default_factory=set, init=False, repr=False)
@@ -76,6 +77,17 @@ class TextTask:
 
     def run(self, config: Config, warm_up: bool = False) -> Pass:
         return self._pass(config, "texts", warm_up)
+
+    def parts(self) -> list[tuple[TextTask, list[int]]]:
+        """Each batch of the timed texts (the full model's batches, of texts of like length) as a task
+        of its own, with the positions of its texts."""
+        parts = []
+        for index, batch in self._prepared("texts", 1.0):
+            texts = [self.texts[i] for i in index]
+            part = dataclasses.replace(self, texts=texts, labels=None, lp=None, part=True)
+            part._batches["texts", 1.0] = [(list(range(len(index))), batch)]
+            parts.append((part, index))
+        return parts
 
     def quality_pass(self, config: Config, timed: Pass) -> Pass:
         return timed
@@ -109,12 +121,7 @@ class TextTask:
     def _pass(self, config: Config, which: str, warm_up: bool = False) -> Pass:
         """A pass over `which` texts ("texts" or "lp"), tokenized once per prefix."""
         prefix = config.keep if config.method == "truncation" else 1.0
-        if (which, prefix) not in self._batches:
-            texts = self.texts if which == "texts" else self.lp.texts
-            self._batches[which, prefix] = padded_batches(
-                self.model, self.tokenizer, texts, self.batch_size, self.max_length, prefix
-            )
-        batches = self._batches[which, prefix][: 1 if warm_up else None]
+        batches = self._prepared(which, prefix)[: 1 if warm_up else None]
         order = [i for index, _ in batches for i in index]
         model = self._model(config, which, prefix)
         baseline = self._baseline(config)
@@ -126,6 +133,18 @@ class TextTask:
             out = measure.run_pass(model, config, baseline, batches, forward, order)
         self._count(config, "timed" if which == "texts" else "quality", before)
         return out
+
+    def _prepared(self, which: str, prefix: float) -> list:
+        """The batches of `which` texts ("texts" or "lp") cut to `prefix`, tokenized once."""
+        if (which, prefix) not in self._batches:
+            texts = self.texts if which == "texts" else self.lp.texts
+            with warnings.catch_warnings():
+                if self.part:
+                    warnings.simplefilter("ignore", TruncationWarning)
+                self._batches[which, prefix] = padded_batches(
+                    self.model, self.tokenizer, texts, self.batch_size, self.max_length, prefix
+                )
+        return self._batches[which, prefix]
 
     def _model(self, config: Config, which: str, prefix: float) -> nn.Module:
         """The model a configuration runs: the task's (or an alternative's) as it is, or for another

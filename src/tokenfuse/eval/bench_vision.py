@@ -60,6 +60,10 @@ class Subject:
         part = slice(first, first + count)
         return dataclasses.replace(self, pixels=self.pixels[part], labels=self.labels[part], timing=count)
 
+    def parts(self) -> list[tuple[Subject, range]]:
+        """Each batch of the timed images as a subject of its own, with their positions."""
+        return [(self.inputs(s.start, len(s)), s) for s in measure.spans(self.timing, self.batch_size)]
+
     def run(self, config: Config, warm_up: bool = False) -> Pass:
         return self.images(config, self.batch_size if warm_up else self.timing, dense=False)
 

@@ -4,7 +4,10 @@ its held-out evaluation), so that a number means the same in every table:
 - a warm-up pass (the full model on one batch) is discarded: first calls pay for allocations and
   kernel choices;
 - timing rounds are interleaved, each round running every configuration once, so that a change of
-  the machine's load spreads over all of them; the median per configuration is kept;
+  the machine's load spreads over all of them; the median per configuration is kept. Where a task
+  can split its inputs (`parts`: a batch each), a round runs every configuration on one batch before
+  the next, all of them eager PyTorch: a shared machine's speed moves within seconds (README: a
+  pass over 400 documents took 21 to 31 s in one run), which whole passes in turn do not cancel;
 - the clock covers the model (and its pooling) alone: a task prepares its inputs before it starts
   (tokenized, truncated, resized, batched, on the model's device) and outputs are copied back after
   it stops; on a GPU it waits for the device at both ends;
@@ -30,7 +33,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -260,7 +263,10 @@ def _wait(model: nn.Module) -> None:
 
 class Task(Protocol):
     """What a bench runs: a model, its inputs, how a configuration runs over them, its quality. A
-    task whose model is not an encoder also defines `flops(pass) -> float`, which `compare` reads."""
+    task whose model is not an encoder also defines `flops(pass) -> float`, which `compare` reads;
+    one that can time its inputs a batch at a time defines `parts() -> [(task, positions)]`: the
+    same task on each batch of its timing inputs, with their positions there, which `timings`
+    interleaves."""
 
     name: str
     model: nn.Module
@@ -282,15 +288,48 @@ def timings(
     task: Task, configs: Sequence[Config], repeats: int, step: Callable[[str], None] = lambda _: None
 ) -> list[list[Pass]]:
     """The warm-up, then `repeats` interleaved rounds: one list of timed passes per configuration.
-    step(what) is called before each pass."""
+    Each round runs every configuration on one of the task's `parts` in turn, then on the next (the
+    whole task as one part where it has none, or a configuration runs on another runtime, whose
+    model a task builds once for its inputs). step(what) is called before each configuration's
+    share of a round."""
     step(f"{task.name} warm-up")
     task.run(configs[0], warm_up=True)
+    eager = all(c.runtime == "eager" for c in configs)
+    parts = task.parts() if eager and hasattr(task, "parts") else [(task, None)]
     passes: list[list[Pass]] = [[] for _ in configs]
     for r in range(repeats):
-        for i, config in enumerate(configs):
-            step(f"{task.name} round {r + 1}/{repeats}: {config.label}")
-            passes[i].append(task.run(config))
+        done: list[list[Pass]] = [[] for _ in configs]
+        for j, (part, _) in enumerate(parts):
+            for i, config in enumerate(configs):
+                if j == 0:
+                    step(f"{task.name} round {r + 1}/{repeats}: {config.label}")
+                done[i].append(part.run(config))
+        for i in range(len(configs)):
+            passes[i].append(joined(done[i], [at for _, at in parts]))
     return passes
+
+
+def spans(count: int, size: int) -> list[range]:
+    """The positions of each batch of `size` among `count` inputs: a task's `parts`."""
+    return [range(i, min(i + size, count)) for i in range(0, count, size)]
+
+
+def joined(parts: Sequence[Pass], positions: Sequence[Sequence[int] | None]) -> Pass:
+    """One pass from passes over parts of the inputs, each part's rows at its `positions` in the
+    inputs (None for a single part, which is the pass); shares of time weighted by seconds."""
+    if len(parts) == 1:
+        return parts[0]
+    at = np.argsort(np.concatenate([np.asarray(p, dtype=np.int64) for p in positions]), kind="stable")
+    seconds = sum(p.seconds for p in parts)
+    return replace(
+        parts[0],
+        outputs={k: np.concatenate([p.outputs[k] for p in parts])[at] for k in parts[0].outputs},
+        layer_tokens=np.concatenate([p.layer_tokens for p in parts])[at],
+        seconds=seconds,
+        scoring=sum(p.scoring * p.seconds for p in parts) / seconds,
+        overhead=sum(p.overhead * p.seconds for p in parts) / seconds,
+        extra={k: sum(p.extra[k] for p in parts) for k in parts[0].extra},
+    )
 
 
 def speedup(task: Task, config: Config, repeats: int) -> float:
