@@ -202,9 +202,9 @@ def test_the_final_keep_is_timed_on_the_timing_set_where_a_shape_must_beat_the_c
     the method runs `slower` there than on the calibration set), and a shape that won at the
     calibration set's keep stays only if it reaches the speed and beats its method's constant
     schedule there. The scripted objective prefers power `preferred` above work `above` and the
-    constant below it: truncation@0.5 is matched at keep 0.431 on the calibration set, and at 0.397
-    on a timing set 8% slower, which power 0.5 can reach and lose at, and power 1.0 cannot reach
-    (its least keep is 0.429)."""
+    constant below it: truncation@0.5 is matched at keep 0.431 on the calibration set, at 0.441 on
+    a timing set as fast (the final band's margin is smaller), and at 0.409 on one 8% slower, which
+    power 0.5 can reach and lose at, and power 1.0 cannot reach (its least keep is 0.429)."""
     calibration, timing = object(), object()
 
     def timings(task, configs, repeats, step=lambda _: None):
@@ -225,7 +225,7 @@ def test_the_final_keep_is_timed_on_the_timing_set_where_a_shape_must_beat_the_c
     assert best.gamma == chosen_gamma
     assert (chosen.constant is not None) == (chosen_gamma is not None)  # the rival a shape beat, recorded
     assert chosen.probes[-1] == (chosen.keep, chosen.ratios["timing set"])  # stage 5's probes, recorded
-    assert chosen.keep == pytest.approx(0.431 if slower == 1.0 else 0.397, abs=0.002)
+    assert chosen.keep == pytest.approx(0.441 if slower == 1.0 else 0.409, abs=0.002)
 
 
 @pytest.mark.slow
@@ -245,10 +245,16 @@ def test_calibrate_at_a_speed_finds_the_keep_that_reaches_it(tiny_text_model, tm
     ratios = config["found"]["speed_over_target"]
     assert config["found"]["objective"].endswith("cut to 64 tokens")  # the short length is not below 64
     assert BAND[0] >= 1.03 and BAND[0] <= ratios["calibration set"] <= BAND[1]
-    assert FINAL_BAND[0] >= 1.04 and FINAL_BAND[0] <= ratios["timing set"] <= FINAL_BAND[1]
+    assert FINAL_BAND[0] >= 1.01 and FINAL_BAND[0] <= ratios["timing set"] <= FINAL_BAND[1]
     assert ratios["timing set"] == pytest.approx(0.5 / (1.1 * config["keep"]))
     assert [config["keep"], ratios["timing set"]] in config["found"]["timing_probes"]
     assert config["found"]["timing_inputs"] == [10, 18]  # after 6 held out and 4 calibration texts
+    methods = config["found"]["methods_at_speed"]  # what stage 4 chose among: each method at speed
+    assert set(methods) == {"tome", "mctf"}
+    for method in methods.values():
+        assert BAND[0] <= method["speed_over_target"] <= BAND[1]
+        assert method["speed_over_target"] == pytest.approx(0.5 / (1.1 * method["keep"]))
+    assert methods[config["method"]]["speed_over_target"] == pytest.approx(ratios["calibration set"])
     assert sched.work(config["schedule"]) == pytest.approx(config["keep"], abs=1e-6)
     rows = {r["name"]: r for r in json.loads(results.read_text())["rows"]}
     baseline = "truncation@0.5" if "--speed-of" in budget else "truncation"

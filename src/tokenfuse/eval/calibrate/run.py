@@ -51,6 +51,7 @@ class Found:
     first: int
     constant: dict[str, float] | None = None  # at a speed: the method's constant schedule there
     probes: list[tuple[float, float]] = field(default_factory=list)  # (keep, ratio) on the timing set
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)  # each method's at speed (stage 3)
 
     @property
     def best(self) -> Candidate:
@@ -197,9 +198,8 @@ def calibrate_sets(
                     lambda c, k: config_of(c, k),
                     say,
                 )
-                found.append(
-                    Found(chosen.trials, chosen.keep, chosen.ratios, first, chosen.constant, chosen.probes)
-                )
+                c = chosen
+                found.append(Found(c.trials, c.keep, c.ratios, first, c.constant, c.probes, c.methods))
             bar.remove_task(task_bar)
     return found
 
@@ -229,6 +229,7 @@ def results(
         "constant_score": next((t.score for t in first.trials if t.candidate == baseline), None),
         "constant_at_speed": first.constant,
         "timing_probes": [list(p) for p in first.probes],
+        "methods_at_speed": first.methods,
         "trials": len(first.trials),
         "time_limit": arguments["time_limit"],
         "speedup_target": arguments["speedup"],
