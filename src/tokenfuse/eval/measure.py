@@ -6,8 +6,8 @@ its held-out evaluation), so that a number means the same in every table:
 - timing rounds are interleaved, each round running every configuration once, so that a change of
   the machine's load spreads over all of them; the median per configuration is kept. Where a task
   can split its inputs (`parts`: a batch each), a round runs every configuration on one batch before
-  the next, all of them eager PyTorch: a shared machine's speed moves within seconds (README: a
-  pass over 400 documents took 21 to 31 s in one run), which whole passes in turn do not cancel;
+  the next, all of them eager PyTorch: a shared machine's speed moves within seconds, which whole
+  passes in turn do not cancel (README, `tokenfuse bench`);
 - the clock covers the model (and its pooling) alone: a task prepares its inputs before it starts
   (tokenized, truncated, resized, batched, on the model's device) and outputs are copied back after
   it stops; on a GPU it waits for the device at both ends;
