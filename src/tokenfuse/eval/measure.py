@@ -290,8 +290,7 @@ def timings(
     """The warm-up, then `repeats` interleaved rounds: one list of timed passes per configuration.
     Each round runs every configuration on one of the task's `parts` in turn, then on the next (the
     whole task as one part where it has none, or a configuration runs on another runtime, whose
-    model a task builds once for its inputs). step(what) is called before each configuration's
-    share of a round."""
+    model a task builds once for its inputs). step(what) is called once per configuration and round."""
     step(f"{task.name} warm-up")
     task.run(configs[0], warm_up=True)
     eager = all(c.runtime == "eager" for c in configs)

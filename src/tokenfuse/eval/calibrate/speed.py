@@ -13,8 +13,8 @@ each keep; quality is searched at that keep by the staged `search`. In turn:
      least as fast as the target (the fastest where none is): stage 5 sets the margin;
   5. the choice's keep, and its method's constant schedule's, searched again on the timing set
      (more inputs than the calibration set, none of them held out): a few dozen inputs time the
-     speed of a few hundred to within several percent, which a margin would have to cover with
-     keep. The shape stays only if it reaches the speed and beats the constant there, as in stage 1
+     speed of a few hundred to within ten percent or so (README), which a margin would have to
+     cover with keep. The shape stays only if it reaches the speed and beats the constant there, as in stage 1
      at equal work (the constant where only it reaches the speed; the faster where neither does).
 """
 
