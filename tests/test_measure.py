@@ -195,12 +195,14 @@ def test_a_configuration_on_another_runtime_is_timed_whole():
     assert task.calls == [("warm-up", "full"), ("run", "full"), ("run", "tome+int8")]
 
 
-def test_text_timed_a_batch_at_a_time_gives_the_whole_pass(tokenizer, texts):
-    """The joined pass of the parts is the pass of the whole task: the same batches, rows in order."""
+@pytest.mark.parametrize("batch_size", [2, 64])
+def test_text_timed_a_batch_at_a_time_gives_the_whole_pass(tokenizer, texts, batch_size):
+    """The joined pass of the parts is the pass of the whole task: the same batches, rows in order,
+    also where one batch holds every text (sorted by length)."""
     model = tiny_bert()
-    task = bench_text.TextTask("tiny", model, tokenizer, texts, batch_size=2, max_length=32)
+    task = bench_text.TextTask("tiny", model, tokenizer, texts, batch_size=batch_size, max_length=32)
     configs = [FULL, Config("tome", 0.5), Config("truncation", 0.5)]
-    assert len(task.parts()) == -(-len(texts) // 2)
+    assert len(task.parts()) == -(-len(texts) // batch_size)
     passes = measure.timings(task, configs, repeats=1)
     for config, timed in zip(configs, passes, strict=True):
         whole = task.run(config)

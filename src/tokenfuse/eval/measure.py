@@ -315,8 +315,9 @@ def spans(count: int, size: int) -> list[range]:
 
 def joined(parts: Sequence[Pass], positions: Sequence[Sequence[int] | None]) -> Pass:
     """One pass from passes over parts of the inputs, each part's rows at its `positions` in the
-    inputs (None for a single part, which is the pass); shares of time weighted by seconds."""
-    if len(parts) == 1:
+    inputs (None: the whole task, whose pass it is); shares of time weighted by seconds. A single
+    part is put in order too: its rows may not be (a text task's are sorted by length)."""
+    if positions[0] is None:
         return parts[0]
     at = np.argsort(np.concatenate([np.asarray(p, dtype=np.int64) for p in positions]), kind="stable")
     seconds = sum(p.seconds for p in parts)
