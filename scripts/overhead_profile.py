@@ -37,7 +37,7 @@ from tokenfuse.adapters import engine, hf_text, hooks
 from tokenfuse.api.pipeline import pooling_of
 from tokenfuse.api.text import encode_padded, padded_batches
 from tokenfuse.assets.text import bbc_news, load_text_model
-from tokenfuse.eval import bench_long, measure
+from tokenfuse.eval import bench_long, runtime
 from tokenfuse.methods import tome
 
 STEPS = {
@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.long:
         config = bench_long.modernbert_base()
-        model, pooling = measure.random_model(ModernBertModel, config, "float32"), "mean"
+        model, pooling = runtime.random_model(ModernBertModel, config, "float32"), "mean"
         ids = bench_long.random_tokens(config, bench_long.default_batch(args.long), args.long)
         batches = [(list(range(len(ids))), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})]
     else:

@@ -67,6 +67,23 @@ def test_a_bracket_is_narrowed_and_the_largest_fast_enough_keep_is_kept():
     assert search.result() == (max(k for k, r in measured if r > 1), 1.5)
 
 
+def test_level_interpolates_between_ordered_probes_and_else_steps_from_the_nearest():
+    """The keep at a given ratio: between the probes either side where they are in order (ratio
+    falling as keep rises); from the nearest probe by the measured slope where they do not bracket
+    it (one probe: speed as 1 / keep) or timing noise put the faster probe at the larger keep."""
+    search = KeepSearch(0.5)
+    search.record(0.5, 1.08)
+    assert search.level(1.04) == pytest.approx(0.5 * 1.08 / 1.04)  # one probe: speed as 1 / keep
+    search.record(0.54, 1.0)
+    expected = math.exp(math.log(0.5) + math.log(1.08 / 1.04) / math.log(1.08) * math.log(0.54 / 0.5))
+    assert search.level(1.04) == pytest.approx(expected)
+    assert 0.5 < search.level(1.04) < 0.54
+    noisy = KeepSearch(0.5)
+    noisy.record(0.5, 1.0)
+    noisy.record(0.54, 1.08)  # faster at the larger keep: no bracket, the nearest probe steps
+    assert noisy.level(1.07) == pytest.approx(0.54 * 1.08 / 1.07)
+
+
 def test_a_method_that_cannot_reach_the_speed_stops_at_its_least_keep():
     """Below keep 0.3 the method has no schedule: the search probes 0.3 once and stops there,
     reporting its fastest probe, short of the target."""

@@ -15,7 +15,7 @@ from conftest import tiny_modernbert
 from transformers import ModernBertModel
 
 from tokenfuse import cli
-from tokenfuse.eval import bench_long, measure
+from tokenfuse.eval import bench_long, runtime
 from tokenfuse.eval.measure import FULL, Config
 
 LENGTHS = (64, 128)
@@ -26,9 +26,9 @@ def tiny(monkeypatch):
     """The bench on a tiny ModernBERT; `built` records every model the bench builds."""
     config = tiny_modernbert().config
     built = []
-    build = measure.random_model
+    build = runtime.random_model
     monkeypatch.setattr(bench_long, "modernbert_base", lambda: config)
-    monkeypatch.setattr(measure, "random_model", lambda *a: built.append(a) or build(*a))
+    monkeypatch.setattr(runtime, "random_model", lambda *a: built.append(a) or build(*a))
     return config, built
 
 
@@ -63,7 +63,7 @@ def test_the_table_says_the_weights_are_random_and_what_the_flops_count(tiny, tm
 
 
 def test_truncation_runs_the_first_half_of_every_sequence():
-    model = measure.random_model(ModernBertModel, tiny_modernbert().config, "float32")
+    model = runtime.random_model(ModernBertModel, tiny_modernbert().config, "float32")
     ids = bench_long.random_tokens(model.config, 3, 64)
     seen = []
     model.embeddings.register_forward_pre_hook(
@@ -79,7 +79,7 @@ def test_truncation_runs_the_first_half_of_every_sequence():
 
 
 def test_tome_at_keep_1_is_the_full_model():
-    model = measure.random_model(ModernBertModel, tiny_modernbert().config, "float32")
+    model = runtime.random_model(ModernBertModel, tiny_modernbert().config, "float32")
     task = bench_long.LongTask(model, bench_long.random_tokens(model.config, 2, 128))
     full, tome = task.run(FULL), task.run(Config("tome", 1.0))
     assert np.array_equal(full.outputs["embedding"], tome.outputs["embedding"])

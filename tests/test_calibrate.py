@@ -14,7 +14,7 @@ from tokenfuse import cli
 from tokenfuse.assets import fmnist
 from tokenfuse.core import schedule as sched
 from tokenfuse.eval import calibrate, metrics, speed_match
-from tokenfuse.eval.calibrate.speed import BAND, FINAL_BAND, search_at_speed
+from tokenfuse.eval.calibrate.speed import AIM, BAND, FINAL_BAND, search_at_speed
 from tokenfuse.eval.measure import Config, Pass
 
 
@@ -179,13 +179,21 @@ def tiny_text_model(tmp_path, tokenizer) -> Path:
     return folder
 
 
-def scripted_timings(task, configs, repeats, step=lambda _: None, slower: float = 1.0):
+def scripted_timings(task, configs, repeats, step=lambda _: None, slower: float = 1.0, by_method=None):
     """`measure.timings` with known times, for the speed search: the full model 1 s, truncation keep s,
-    a method 1.1 keep s (its overhead), `slower` times that. A tiny model's real speedups are all
-    overhead and load."""
+    a method 1.1 keep s (its overhead), `slower` times that, and times `by_method[name]` where given.
+    A tiny model's real speedups are all overhead and load."""
     seconds = {"full": lambda k: 1.0, "truncation": lambda k: k}
+    factor = {} if by_method is None else by_method
     return [
-        [Pass({}, np.zeros((1, 1, 2)), seconds.get(c.method, lambda k: 1.1 * slower * k)(c.keep), 0.0)]
+        [
+            Pass(
+                {},
+                np.zeros((1, 1, 2)),
+                seconds.get(c.method, lambda k, m=c.method: 1.1 * slower * factor.get(m, 1.0) * k)(c.keep),
+                0.0,
+            )
+        ]
         * repeats
         for c in configs
     ]
@@ -226,6 +234,29 @@ def test_the_final_keep_is_timed_on_the_timing_set_where_a_shape_must_beat_the_c
     assert (chosen.constant is not None) == (chosen_gamma is not None)  # the rival a shape beat, recorded
     assert chosen.probes[-1] == (chosen.keep, chosen.ratios["timing set"])  # stage 5's probes, recorded
     assert chosen.keep == pytest.approx(0.441 if slower == 1.0 else 0.409, abs=0.002)
+
+
+def test_methods_are_compared_at_one_speed_the_centre_of_the_band(monkeypatch):
+    """Stage 1: each method's keep, wherever in the band its probes landed, is moved to where they
+    put the band's centre, so that the methods are searched and compared at one speed. Scripted
+    speeds (MCTF 7% slower than ToMe at a keep) are exactly as 1 / keep, so the moved keeps are
+    exact and stage 3 confirms them at once; the scripted score is the schedule's work, so each
+    recorded score is its keep's."""
+
+    def timings(task, configs, repeats, step=lambda _: None):
+        return scripted_timings(task, configs, repeats, by_method={"mctf": 1.07})
+
+    def score(candidate):
+        return np.full(8, sched.work(candidate.schedule))
+
+    monkeypatch.setattr(speed_match, "timings", timings)
+    target, methods = Config("truncation", 0.5), ("tome", "mctf")
+    chosen = search_at_speed(score, object(), object(), target, 0.5, 6, methods, 1.0, calibrate.config_of)
+    for method, slower in (("tome", 1.0), ("mctf", 1.07)):
+        at = chosen.methods[method]
+        assert at["speed_over_target"] == pytest.approx(AIM)
+        assert at["keep"] == pytest.approx(0.5 / (1.1 * slower * AIM), rel=1e-6)
+        assert at["calibration_score"] == pytest.approx(at["keep"], abs=1e-6)
 
 
 @pytest.mark.slow

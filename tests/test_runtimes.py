@@ -16,7 +16,7 @@ from tokenfuse.api.progress import progress_bar
 from tokenfuse.assets import onnx_weights
 from tokenfuse.assets import text as data
 from tokenfuse.cli.tables import table
-from tokenfuse.eval import bench_text, measure, metrics
+from tokenfuse.eval import bench_text, measure, metrics, runtime
 from tokenfuse.eval.measure import FULL, Config
 
 
@@ -203,10 +203,10 @@ def test_onnxruntime_runs_the_model_and_a_static_reduction(tokenizer, texts):
 def test_compile_notes_say_when_timing_or_the_recompile_limit_went_wrong(monkeypatch):
     from torch._dynamo.utils import counters
 
-    before = measure.compilations()
+    before = runtime.compilations()
     monkeypatch.setitem(counters, "unimplemented", {**counters["unimplemented"]})
     counters["unimplemented"]["Dynamo recompile limit exceeded\n  Explanation: ..."] = 2
-    assert measure.compilations()["limit_hits"] == before["limit_hits"] + 2
+    assert runtime.compilations()["limit_hits"] == before["limit_hits"] + 2
     first = {"graphs": 40, "graph_breaks": 26, "limit_hits": 0}
     clean = bench_text._compile_note("tome+compile @ 0.5", {"first": first})
     assert clean == (

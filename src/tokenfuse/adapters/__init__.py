@@ -17,7 +17,7 @@ from typing import Literal
 from torch import nn
 
 from ..methods import Method, VisualMethod
-from . import hf_text, text_families, vision, vlm
+from . import hf_text, text_families, vision, vision_families, vlm
 from .engine import Patch
 from .protocol import Installed
 from .sentence_transformers import SentencePatch, encoder_of
@@ -42,12 +42,12 @@ def target(model: nn.Module) -> Target:
         return "sentence-transformers"
     if text_families.family_of(model) is not None:
         return "text"
-    if vision.family_of(model) is not None:
+    if vision_families.family_of(model) is not None:
         return "vision"
     kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     raise TypeError(
         f"tokenfuse does not support {kind!r} models; supported: {', '.join(text_families.supported())} "
-        f"(Hugging Face text encoders), {', '.join(vision.supported())} (vision transformers), "
+        f"(Hugging Face text encoders), {', '.join(vision_families.supported())} (vision transformers), "
         f"{', '.join(families.supported())} (vision-language models), and SentenceTransformers wrapping "
         "one of the text encoders"
     )
@@ -81,4 +81,4 @@ def install(
         return hf_text.TextPatch(model, text_families.family_of(model), method, protect_ids)
     if protect_ids:
         raise ValueError("protect_ids names text token ids; vision models protect [CLS] and registers")
-    return vision.VisionPatch(model, vision.family_of(model), method)
+    return vision.VisionPatch(model, vision_families.family_of(model), method)

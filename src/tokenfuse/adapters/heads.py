@@ -38,7 +38,7 @@ HF_ATTENTION_HEADS = ("SiglipMultiheadAttentionPoolingHead",)
 
 def weigh_pooling(patch: Patch, model: nn.Module, tower: nn.Module, timm: bool, prefix: int) -> None:
     """Install on the patch the hooks that make the model's pooling heads read sizes; none where
-    the head reads [CLS]. tower: the module holding the vision blocks (`vision.tower_of`)."""
+    the head reads [CLS]. tower: the module holding the vision blocks (`vision_families.tower_of`)."""
     if timm:
         _TimmPooling(patch, model).install()
         return

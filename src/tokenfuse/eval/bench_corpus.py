@@ -22,7 +22,7 @@ import numpy as np
 from ..api.progress import progress_bar
 from ..assets.text import bbc_paragraphs
 from ..corpus import Settings, Source, embed_corpus
-from . import measure
+from . import measure, meta
 
 ENGINES = ("local", "ray")
 
@@ -110,7 +110,7 @@ def run(
         "cpus": cpus,
     }
     notes = [f"starting the local Ray cluster took {ray_start:.1f} s, before the rounds (not in any row)"]
-    return measure.results(rows, notes, arguments, ray_start_seconds=ray_start)
+    return meta.results(rows, notes, arguments, ray_start_seconds=ray_start)
 
 
 def _embeddings(folder: Path) -> np.ndarray:

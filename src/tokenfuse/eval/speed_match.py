@@ -52,9 +52,7 @@ class KeepSearch:
         fast = [p for p in self.measured if p[1] > aim]
         slow = [p for p in self.measured if p[1] < aim]
         if fast and slow:  # bracketed: between the largest fast keep and the smallest slow one
-            (k1, r1), (k2, r2) = max(fast), min(slow)
-            at = math.log(r1 / aim) / (math.log(r1) - math.log(r2))
-            guess = math.exp(math.log(k1) + at * (math.log(k2) - math.log(k1)))
+            guess = between(max(fast), min(slow), aim)
         else:  # one side: step by the slope of the last two probes, or speed as 1 / keep
             slope = self._slope()
             guess = keep * (ratio / aim) ** (1.0 / slope)
@@ -69,6 +67,18 @@ class KeepSearch:
             return max(fast)
         return max(self.measured, key=lambda p: p[1])
 
+    def level(self, ratio: float) -> float:
+        """The keep at which the ratio is estimated to be `ratio`: interpolated between the largest
+        keep that ran at least that fast and the smallest that ran slower, where the probes bracket it
+        in that order; else a step from the probe nearest it, by the measured slope (`next`'s
+        one-sided step)."""
+        fast = [p for p in self.measured if p[1] >= ratio]
+        slow = [p for p in self.measured if p[1] < ratio]
+        if fast and slow and max(fast)[0] < min(slow)[0]:
+            return between(max(fast), min(slow), ratio)
+        keep, nearest = min(self.measured, key=lambda p: abs(math.log(p[1] / ratio)))
+        return self._clamp(keep * (nearest / ratio) ** (1.0 / self._slope()))
+
     def _slope(self) -> float:
         """-d log ratio / d log keep from the last two probes (1 where unknown or not falling)."""
         if len(self.measured) < 2:
@@ -81,6 +91,14 @@ class KeepSearch:
 
     def _clamp(self, keep: float) -> float:
         return min(1.0, max(self.lowest, keep))
+
+
+def between(fast: tuple[float, float], slow: tuple[float, float], ratio: float) -> float:
+    """The keep at which the ratio is `ratio`, by interpolation in log keep against log ratio
+    between two probes (keep, ratio), one faster than it and one slower."""
+    (k1, r1), (k2, r2) = fast, slow
+    at = math.log(r1 / ratio) / (math.log(r1) - math.log(r2))
+    return math.exp(math.log(k1) + at * (math.log(k2) - math.log(k1)))
 
 
 def lowest_keep(runs: Callable[[float], bool], steps: int = 30) -> float:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ...core import Tokens
 from ...methods import Method, VisualMethod
-from .. import vision
+from .. import vision, vision_families
 from . import families
 from .state import carried, carry
 
@@ -99,7 +99,7 @@ class Tower:
                 "reducing in the vision tower needs the config to select the tower's last layer "
                 f"(vision_feature_layer -1), this one selects {self.selected}"
             )
-        family = vision.family_of(self.module)
+        family = vision_families.family_of(self.module)
         if family is None:
             raise TypeError(f"the vision tower {type(self.module).__name__} has no tokenfuse adapter")
         scored = boundary.needs & SCORED if boundary else None

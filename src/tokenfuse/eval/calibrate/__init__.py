@@ -21,8 +21,8 @@ records), `tasks` (the objective of each task: embedding cosine for text encoder
 and a fitted temperature for classifiers).
 """
 
-from .run import Found, Settings, calibrate_sets, calibrated_configs, config_of, config_record, results
-from .search import METHODS, OPTIONS, SHAPES, Candidate, Trial, Z, constant, search, shaped
+from .run import Settings, calibrate_sets, calibrated_configs, config_of, config_record, results
+from .search import METHODS, OPTIONS, SHAPES, Candidate, Found, Trial, Z, constant, search, shaped
 from .tasks import fit_temperature, run_classifier, run_text
 
 __all__ = [

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,11 +17,11 @@ from ...api.progress import progress_bar
 from ...core import schedule as sched
 from ...core.messages import did_you_mean
 from ...methods import available
-from .. import measure
+from .. import measure, meta
 from ..at_speed import parse_targets
 from ..measure import Config
 from ..speed_match import Target
-from .search import METHODS, Candidate, Trial, constant, search
+from .search import METHODS, Candidate, Found, Trial, constant, search
 from .speed import search_at_speed
 
 
@@ -37,25 +37,6 @@ def config_record(best: Trial, keep: float, how: dict[str, Any]) -> dict[str, An
         "work": sched.work(c.schedule),
         "found": {"shape": c.shape, "calibration_score": best.score, **how},
     }
-
-
-@dataclass
-class Found:
-    """The outcome of calibrating on one set: trials as `search` orders them (the chosen first),
-    the chosen keep, at a speed budget the chosen configuration's speed over the target's as timed
-    on the calibration set and on the timing set, and where the set starts."""
-
-    trials: list[Trial]
-    keep: float
-    measured: dict[str, float]
-    first: int
-    constant: dict[str, float] | None = None  # at a speed: the method's constant schedule there
-    probes: list[tuple[float, float]] = field(default_factory=list)  # (keep, ratio) on the timing set
-    methods: dict[str, dict[str, Any]] = field(default_factory=dict)  # each method's at speed (stage 3)
-
-    @property
-    def best(self) -> Candidate:
-        return self.trials[0].candidate
 
 
 @dataclass
@@ -184,7 +165,7 @@ def calibrate_sets(
             score, subject = objective(first)
             if target is None:
                 trials = search(score, keep, num_layers, settings.methods, settings.time_limit, say)
-                found.append(Found(trials, keep, {}, first))
+                found.append(Found(trials, keep, first))
             else:
                 chosen = search_at_speed(
                     score,
@@ -198,8 +179,7 @@ def calibrate_sets(
                     lambda c, k: config_of(c, k),
                     say,
                 )
-                c = chosen
-                found.append(Found(c.trials, c.keep, c.ratios, first, c.constant, c.probes, c.methods))
+                found.append(dataclasses.replace(chosen, first=first))
             bar.remove_task(task_bar)
     return found
 
@@ -235,7 +215,7 @@ def results(
         "speedup_target": arguments["speedup"],
         "speed_of": arguments["speed_of"],
         "timing_inputs": arguments["timing_inputs"] and list(arguments["timing_inputs"]),
-        "speed_over_target": first.measured,
+        "speed_over_target": first.ratios,
     }
     config = config_record(best, first.keep, how)
     row = next(r for r in rows if r["name"] == "calibrated")
@@ -245,7 +225,7 @@ def results(
         "target_speedup": next((r["speedup"] for r in rows if "@" in r["name"]), arguments["speedup"]),
     }
     calibrated = [r[quality] for r in rows if re.fullmatch(r"calibrated( \d+)?", r["name"])]
-    evaluated = measure.results(
+    evaluated = meta.results(
         rows,
         notes,
         {"task": "calibrate", **arguments, "keep": first.keep},

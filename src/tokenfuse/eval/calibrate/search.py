@@ -59,6 +59,28 @@ class Trial:
         return len(d) > 1 and d.mean() > z * d.std(ddof=1) / math.sqrt(len(d))
 
 
+@dataclass
+class Found:
+    """The outcome of calibrating on one set: trials (the chosen first), the chosen keep, and where
+    the set starts. At a speed budget (`speed.search_at_speed`), also: the choice's speed over the
+    target's on the calibration set and on the timing set (`ratios`); its method's constant schedule
+    at the same speed ({"keep", "calibration_score"}) where the choice is a shape; stage 5's probes
+    (keep, ratio) on the timing set; each method's choice at the end of stage 3 (shape, keep, speed
+    over the target's, calibration score), which stage 4 chose among."""
+
+    trials: list[Trial]
+    keep: float
+    first: int = 0
+    ratios: dict[str, float] = field(default_factory=dict)
+    constant: dict[str, float] | None = None
+    probes: list[tuple[float, float]] = field(default_factory=list)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def best(self) -> Candidate:
+        return self.trials[0].candidate
+
+
 def constant(method: str, keep: float, num_layers: int, options=None) -> Candidate | None:
     """The method's own default schedule at this budget, the baseline to beat; None where it cannot
     reach the budget (a method scoring by attention cannot reduce before the first layer)."""

@@ -4,7 +4,9 @@ configurations at least as fast as the target.
 
 Speed falls as keep rises for a fixed method and shape, so a few timed probes (`speed_match`) find
 each keep; quality is searched at that keep by the staged `search`. In turn:
-  1. each method's keep at the target speed with its constant schedule;
+  1. each method's keep at the target speed with its constant schedule, at the band's centre
+     (`centred`: a band's width of speed can be worth more calibration score than separates the
+     methods, README);
   2. each method's search (shapes, options, moved points) at its keep, on an equal share of the time;
   3. each method's choice timed against the target; one outside the band has its keep searched
      again on its own shape (its moved points dropped, as a shape does not carry them to another
@@ -21,14 +23,14 @@ each keep; quality is searched at that keep by the staged `search`. In turn:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 from ..measure import Task
 from ..speed_match import KeepSearch, Probe, Target, lowest_keep, match
-from .search import Candidate, Trial, Z, constant, search, shaped
+from .search import Candidate, Found, Trial, Z, constant, search, shaped
 
 #: speed / target speed on the calibration set (stages 1-3): at least 3% faster, by at most 8%, a
 #: margin for the few inputs it is timed on
@@ -36,25 +38,11 @@ BAND = (1.03, 1.08)
 #: speed / target speed on the timing set (stage 5): at least 1% faster, by at most 5%, a margin for
 #: the run that evaluates it, whose timings differ from the search's by a percent or two (README)
 FINAL_BAND = (1.01, 1.05)
+#: the speed over the target's at which stage 1 puts every method's keep (`centred`)
+AIM = math.sqrt(BAND[0] * BAND[1])
 ROUNDS = 3  # interleaved timing rounds of each probe
 PROBES = 6  # probes of a keep search on the calibration set (a few seconds each)
 FINAL_PROBES = 4  # and on the timing set (a minute or so each)
-
-
-@dataclasses.dataclass
-class Chosen:
-    """The outcome: the trials (the chosen first), its keep and its speed over the target's on the
-    calibration set and on the timing set, and its method's constant schedule at the same speed
-    ({"keep", "calibration_score"}) where the choice is a shape; `methods`: each method's choice at
-    the end of stage 3 (shape, keep, speed over the target's, calibration score), which stage 4
-    chose among."""
-
-    trials: list[Trial]
-    keep: float
-    ratios: dict[str, float]
-    constant: dict[str, float] | None = None
-    probes: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # stage 5's (keep, ratio)
-    methods: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def reshaped(candidate: Candidate, keep: float, num_layers: int) -> Candidate | None:
@@ -63,6 +51,14 @@ def reshaped(candidate: Candidate, keep: float, num_layers: int) -> Candidate | 
     if c.gamma is None:
         return constant(c.method, keep, num_layers, c.options)
     return shaped(c.method, keep, num_layers, c.gamma, c.options)
+
+
+def centred(search: KeepSearch) -> float:
+    """The search's keep, moved to where its probes put the band's centre (`AIM`) where it ended
+    within the band: every method then starts at one speed, not wherever in the band its probes
+    landed."""
+    keep, ratio = search.result()
+    return search.level(AIM) if search.band[0] <= ratio <= search.band[1] else keep
 
 
 def search_at_speed(
@@ -76,7 +72,7 @@ def search_at_speed(
     time_limit: float,
     configure: Callable[[Candidate, float], object],
     say: Callable[[str], None] = lambda _: None,
-) -> Chosen:
+) -> Found:
     """`subject`: the calibration set as a task to time; `timed`: the timing set; `keep`: where the
     speed search starts; configure(candidate, keep): the configuration that runs it."""
     usable = [m for m in methods if lowest_keep(lambda k, m=m: constant(m, k, num_layers) is not None) < 1]
@@ -100,7 +96,7 @@ def search_at_speed(
 
     first = {m: probe(constant(m, 1.0, num_layers), keep, False) for m in usable}  # 1: each method's keep
     match(subject, [target], first, ROUNDS, say)
-    keeps = {m: p.search.result()[0] for m, p in first.items()}
+    keeps = {m: centred(p.search) for m, p in first.items()}
     searched = {  # 2: quality at that keep
         m: search(score, keeps[m], num_layers, (m,), time_limit / len(usable), say) for m in usable
     }
@@ -130,15 +126,15 @@ def search_at_speed(
     pick = fast[-1] if len(fast) > 1 and not final["chosen"].beats(final["constant"], Z) else fast[0]
     made = [t for trials in searched.values() for t in trials] + [best, *final.values()]
     others = list({id(t): t for t in made if t is not final[pick]}.values())
-    return Chosen(
+    return Found(
         [final[pick], *sorted(others, key=lambda t: -t.score)],
         ends[pick][0],
-        {"calibration set": ratio, "timing set": ends[pick][1]},
-        {"keep": ends["constant"][0], "calibration_score": final["constant"].score}
+        ratios={"calibration set": ratio, "timing set": ends[pick][1]},
+        constant={"keep": ends["constant"][0], "calibration_score": final["constant"].score}
         if pick == "chosen" and "constant" in final
         else None,
-        finals[pick].search.measured,
-        {
+        probes=finals[pick].search.measured,
+        methods={
             t.candidate.method: {
                 "shape": t.candidate.shape,
                 "keep": k,
