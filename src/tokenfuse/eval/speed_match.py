@@ -48,15 +48,13 @@ class KeepSearch:
         keep, ratio = self.measured[-1]
         if self.band[0] <= ratio <= self.band[1] or len(self.measured) >= self.probes:
             return None
-        aim = math.sqrt(self.band[0] * self.band[1])
+        aim = self.aim
         fast = [p for p in self.measured if p[1] > aim]
         slow = [p for p in self.measured if p[1] < aim]
         if fast and slow:  # bracketed: between the largest fast keep and the smallest slow one
-            guess = between(max(fast), min(slow), aim)
-        else:  # one side: step by the slope of the last two probes, or speed as 1 / keep
-            slope = self._slope()
-            guess = keep * (ratio / aim) ** (1.0 / slope)
-        guess = self._clamp(guess)
+            guess = self._clamp(between(max(fast), min(slow), aim))
+        else:  # one side: step from the last probe
+            guess = self._step(self.measured[-1], aim)
         return None if any(math.isclose(guess, k, rel_tol=1e-9) for k, _ in self.measured) else guess
 
     def result(self) -> tuple[float, float]:
@@ -76,8 +74,18 @@ class KeepSearch:
         slow = [p for p in self.measured if p[1] < ratio]
         if fast and slow and max(fast)[0] < min(slow)[0]:
             return between(max(fast), min(slow), ratio)
-        keep, nearest = min(self.measured, key=lambda p: abs(math.log(p[1] / ratio)))
-        return self._clamp(keep * (nearest / ratio) ** (1.0 / self._slope()))
+        return self._step(min(self.measured, key=lambda p: abs(math.log(p[1] / ratio))), ratio)
+
+    @property
+    def aim(self) -> float:
+        """The ratio a search aims at: the band's geometric centre."""
+        return math.sqrt(self.band[0] * self.band[1])
+
+    def _step(self, probe: tuple[float, float], ratio: float) -> float:
+        """The keep at `ratio` from one probe (keep, ratio), by the slope of the last two probes, or
+        speed as 1 / keep."""
+        keep, measured = probe
+        return self._clamp(keep * (measured / ratio) ** (1.0 / self._slope()))
 
     def _slope(self) -> float:
         """-d log ratio / d log keep from the last two probes (1 where unknown or not falling)."""

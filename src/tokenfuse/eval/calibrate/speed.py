@@ -23,7 +23,6 @@ each keep; quality is searched at that keep by the staged `search`. In turn:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -38,8 +37,6 @@ BAND = (1.03, 1.08)
 #: speed / target speed on the timing set (stage 5): at least 1% faster, by at most 5%, a margin for
 #: the run that evaluates it, whose timings differ from the search's by a percent or two (README)
 FINAL_BAND = (1.01, 1.05)
-#: the speed over the target's at which stage 1 puts every method's keep (`centred`)
-AIM = math.sqrt(BAND[0] * BAND[1])
 ROUNDS = 3  # interleaved timing rounds of each probe
 PROBES = 6  # probes of a keep search on the calibration set (a few seconds each)
 FINAL_PROBES = 4  # and on the timing set (a minute or so each)
@@ -54,11 +51,11 @@ def reshaped(candidate: Candidate, keep: float, num_layers: int) -> Candidate | 
 
 
 def centred(search: KeepSearch) -> float:
-    """The search's keep, moved to where its probes put the band's centre (`AIM`) where it ended
+    """The search's keep, moved to where its probes put the band's centre (`KeepSearch.aim`) where it ended
     within the band: every method then starts at one speed, not wherever in the band its probes
     landed."""
     keep, ratio = search.result()
-    return search.level(AIM) if search.band[0] <= ratio <= search.band[1] else keep
+    return search.level(search.aim) if search.band[0] <= ratio <= search.band[1] else keep
 
 
 def search_at_speed(
